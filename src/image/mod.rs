@@ -1,0 +1,413 @@
+//! The image file: opening and validating it, its lock, the shared mapping, and the
+//! operations that reach the file itself (flush, punch hole, zero range, data/hole lookup).
+//!
+//! This module knows nothing of FUSE, partitions or the command line. It is the only module
+//! with `unsafe` code, in [`map`] and [`sigbus`].
+
+mod format;
+mod map;
+mod reserve;
+mod sigbus;
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::fcntl::{FallocateFlags, Flock, FlockArg, fallocate};
+use nix::unistd::{Whence, lseek};
+
+use crate::block::{BlockDevice, check_range, clamp_to_device};
+pub use format::{ForeignFormat, detect_foreign_format};
+use map::SharedMap;
+use reserve::ReservationMap;
+
+/// Errors from opening an image.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImageError {
+    #[error("{}: image file not found (check the path, or create one with 'truncate -s 1G {}')", path.display(), path.display())]
+    NotFound { path: PathBuf },
+
+    #[error("{}: cannot open the image", path.display())]
+    Open { path: PathBuf, source: io::Error },
+
+    #[error("{}: is a {kind}, not an image file (give a regular file or a block device)", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+
+    #[error("{}: image is empty (give it a size first, e.g. 'truncate -s 1G {}')", path.display(), path.display())]
+    Empty { path: PathBuf },
+
+    #[error("{}: is a {} image, not a raw disk; convert it with 'qemu-img convert -O raw {} {}.raw'", path.display(), format.name, path.display(), path.display())]
+    ForeignDisk {
+        path: PathBuf,
+        format: ForeignFormat,
+    },
+
+    #[error("{}: is {} compressed; decompress it first and attach the result", path.display(), format.name)]
+    Compressed {
+        path: PathBuf,
+        format: ForeignFormat,
+    },
+
+    #[error("{}: image is in use by another attachment{} (see 'loopfuse list', or detach it first)", path.display(), if *holder_writes { " that writes to it" } else { "" })]
+    Locked { path: PathBuf, holder_writes: bool },
+
+    #[error("{}: cannot map the image into memory", path.display())]
+    Map { path: PathBuf, source: io::Error },
+}
+
+/// How an image is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+/// What [`probe`] learns about an image file without locking or mapping it.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    /// The path as given, made absolute.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub len: u64,
+    /// Whether the image is a block device rather than a regular file.
+    pub is_block_device: bool,
+}
+
+/// Checks that `path` is a raw image that can be attached, and returns its size.
+///
+/// Rejects missing files, directories and other non-files, empty files, and files in a
+/// container or compression format (qcow2, VMDK, VDI, VHD/VHDX, gzip, ...).
+pub fn probe(path: &Path) -> Result<ImageInfo, ImageError> {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut file = open_file(&path, Access::ReadOnly)?;
+    let info = inspect(&path, &mut file)?;
+
+    Ok(info)
+}
+
+fn open_file(path: &Path, access: Access) -> Result<File, ImageError> {
+    let metadata = std::fs::metadata(path).map_err(|source| open_error(path, source))?;
+    check_file_type(path, &metadata.file_type())?;
+
+    // O_NONBLOCK keeps a FIFO that appears between the check and the open from blocking us.
+    let mut options = OpenOptions::new();
+    options.read(true).write(access == Access::ReadWrite);
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    options
+        .open(path)
+        .map_err(|source| open_error(path, source))
+}
+
+fn open_error(path: &Path, source: io::Error) -> ImageError {
+    if source.kind() == io::ErrorKind::NotFound {
+        ImageError::NotFound {
+            path: path.to_path_buf(),
+        }
+    } else {
+        ImageError::Open {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+fn check_file_type(path: &Path, file_type: &std::fs::FileType) -> Result<(), ImageError> {
+    let kind = if file_type.is_file() || file_type.is_block_device() {
+        return Ok(());
+    } else if file_type.is_dir() {
+        "directory"
+    } else if file_type.is_fifo() {
+        "FIFO"
+    } else if file_type.is_socket() {
+        "socket"
+    } else if file_type.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    };
+
+    Err(ImageError::NotAFile {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
+/// Reads the size and the format magic of an open image file.
+fn inspect(path: &Path, file: &mut File) -> Result<ImageInfo, ImageError> {
+    let open_error = |source| ImageError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let metadata = file.metadata().map_err(open_error)?;
+    check_file_type(path, &metadata.file_type())?;
+
+    let is_block_device = metadata.file_type().is_block_device();
+    let len = if is_block_device {
+        file.seek(SeekFrom::End(0)).map_err(open_error)?
+    } else {
+        metadata.len()
+    };
+    if len == 0 {
+        return Err(ImageError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+
+    let (head, tail) = read_head_and_tail(file, len).map_err(open_error)?;
+    if let Some(format) = detect_foreign_format(&head, &tail) {
+        let path = path.to_path_buf();
+        return Err(if format.convertible_by_qemu {
+            ImageError::ForeignDisk { path, format }
+        } else {
+            ImageError::Compressed { path, format }
+        });
+    }
+
+    Ok(ImageInfo {
+        path: path.to_path_buf(),
+        len,
+        is_block_device,
+    })
+}
+
+fn read_head_and_tail(file: &mut File, len: u64) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    let mut head = Vec::with_capacity(format::HEAD_LEN);
+    file.seek(SeekFrom::Start(0))?;
+    file.by_ref()
+        .take(format::HEAD_LEN as u64)
+        .read_to_end(&mut head)?;
+
+    let mut tail = Vec::new();
+    let footer_len = format::VHD_FOOTER_LEN as u64;
+    if len >= footer_len * 2 {
+        file.seek(SeekFrom::Start(len - footer_len))?;
+        file.by_ref().take(footer_len).read_to_end(&mut tail)?;
+    }
+
+    Ok((head, tail))
+}
+
+/// An attached image: the open, locked file and its shared mapping.
+///
+/// The file is locked with `flock` for as long as this value lives: exclusively for
+/// read-write access, shared for read-only access, so two writers never share an image.
+pub struct Image {
+    path: PathBuf,
+    file: Flock<File>,
+    map: SharedMap,
+    read_only: bool,
+    reservations: ReservationMap,
+    /// Cleared when the backing filesystem does not support `fallocate`; writes into holes
+    /// then go ahead unreserved, as nothing better is possible there.
+    can_reserve: AtomicBool,
+}
+
+impl Image {
+    /// Opens, checks, locks and maps the image at `path`.
+    pub fn open(path: &Path, access: Access) -> Result<Self, ImageError> {
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let mut file = open_file(&path, access)?;
+        let info = inspect(&path, &mut file)?;
+
+        let lock_kind = match access {
+            Access::ReadWrite => FlockArg::LockExclusiveNonblock,
+            Access::ReadOnly => FlockArg::LockSharedNonblock,
+        };
+        let file = Flock::lock(file, lock_kind).map_err(|(_, _)| ImageError::Locked {
+            path: path.clone(),
+            // A shared lock only conflicts with an exclusive one, held by a writer.
+            holder_writes: access == Access::ReadOnly,
+        })?;
+
+        let read_only = access == Access::ReadOnly;
+        let map = SharedMap::new(&file, info.len, read_only).map_err(|source| ImageError::Map {
+            path: path.clone(),
+            source,
+        })?;
+        sigbus::install(&path);
+        log::debug!(
+            "{}: mapped {} bytes, read_only={read_only}",
+            path.display(),
+            info.len
+        );
+
+        Ok(Self {
+            reservations: ReservationMap::new(info.len),
+            can_reserve: AtomicBool::new(!info.is_block_device),
+            path,
+            file,
+            map,
+            read_only,
+        })
+    }
+
+    /// Absolute path of the image file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes of memory used to track reserved pages, for diagnostics.
+    pub fn reservation_memory(&self) -> usize {
+        self.reservations.memory_bytes()
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        Ok(())
+    }
+
+    /// Reserves backing blocks for the pages under `offset..offset + len` that are not yet
+    /// known to be reserved, so that storing into them cannot fault with `SIGBUS`.
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (first, end) = ReservationMap::page_span(offset, len);
+        if self.reservations.all_reserved(first, end) || !self.can_reserve.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+
+        let start = first * reserve::PAGE_SIZE;
+        let reserve_end = (end * reserve::PAGE_SIZE).min(self.map.len());
+        match self.fallocate(
+            FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            start,
+            reserve_end - start,
+        ) {
+            Ok(()) => {
+                self.reservations.mark(first, end);
+                Ok(())
+            }
+            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                log::debug!(
+                    "{}: fallocate is not supported here; writes into holes are unreserved",
+                    self.path.display()
+                );
+                self.can_reserve.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    fn fallocate(&self, flags: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(self.file.as_fd(), flags, offset as i64, len as i64)?;
+        Ok(())
+    }
+
+    fn seek(&self, offset: u64, whence: Whence) -> io::Result<u64> {
+        let found = lseek(self.file.as_fd(), offset as i64, whence)?;
+        Ok(found as u64)
+    }
+}
+
+impl BlockDevice for Image {
+    fn len(&self) -> u64 {
+        self.map.len()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let count = clamp_to_device(offset, buf.len(), self.len());
+        self.map.copy_out(offset, &mut buf[..count])?;
+
+        Ok(count)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<usize> {
+        self.check_writable()?;
+        let count = clamp_to_device(offset, data.len(), self.len());
+        if count == 0 {
+            return match data.is_empty() {
+                true => Ok(0),
+                false => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+            };
+        }
+
+        self.reserve(offset, count as u64)?;
+        self.map.copy_in(offset, &data[..count])?;
+
+        Ok(count)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+
+        self.map.flush()?;
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.len())?;
+
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        self.fallocate(flags, offset, len)?;
+        let (first, end) = ReservationMap::page_span(offset, len);
+        self.reservations.clear(first, end);
+
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.len())?;
+
+        let flags = FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate(flags, offset, len) {
+            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // tmpfs and some others lack ZERO_RANGE: punch the range, then allocate it.
+                self.discard(offset, len)?;
+                self.allocate(offset, len)
+            }
+            Err(error) => Err(error),
+            Ok(()) => {
+                let (first, end) = ReservationMap::page_span(offset, len);
+                self.reservations.mark(first, end);
+                Ok(())
+            }
+        }
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        check_range(offset, len, self.len())?;
+
+        self.fallocate(FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len)?;
+        let (first, end) = ReservationMap::page_span(offset, len);
+        self.reservations.mark(first, end);
+
+        Ok(())
+    }
+
+    fn seek_data(&self, offset: u64) -> io::Result<u64> {
+        if offset >= self.len() {
+            return Err(io::Error::from_raw_os_error(libc::ENXIO));
+        }
+        self.seek(offset, Whence::SeekData)
+            .map(|found| found.min(self.len()))
+    }
+
+    fn seek_hole(&self, offset: u64) -> io::Result<u64> {
+        if offset >= self.len() {
+            return Err(io::Error::from_raw_os_error(libc::ENXIO));
+        }
+        self.seek(offset, Whence::SeekHole)
+            .map(|found| found.min(self.len()))
+    }
+
+    fn allocated_sectors(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.blocks())
+    }
+}
+
+#[cfg(test)]
+mod tests;

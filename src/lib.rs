@@ -6,3 +6,4 @@
 
 pub mod block;
 pub mod image;
+pub mod partition;

@@ -1,1 +1,33 @@
-fn main() {}
+//! The `loopfuse` command: parses arguments, sets up logging and runs the library.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use loopfuse::cli::{Cli, Command, run};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    run(cli)
+}
+
+/// Logs to standard error: warnings by default, more with -v, and `info` for the daemon,
+/// whose standard error is its log file. `RUST_LOG` overrides both.
+fn init_logging(cli: &Cli) {
+    let is_daemon = matches!(cli.command, Command::Daemon(_));
+    let level = match cli.verbose {
+        0 if is_daemon => "info",
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
+    if !is_daemon {
+        builder.format_timestamp(None).format_target(false);
+    }
+    builder.init();
+}

@@ -99,12 +99,12 @@ impl Window {
         self.start
     }
 
-    fn to_inner(&self, offset: u64) -> u64 {
+    fn inner_offset(&self, offset: u64) -> u64 {
         self.start + offset
     }
 
     /// Maps an offset returned by the inner device back into the window, clamping to its end.
-    fn from_inner(&self, inner_offset: u64) -> u64 {
+    fn window_offset(&self, inner_offset: u64) -> u64 {
         inner_offset.saturating_sub(self.start).min(self.len)
     }
 }
@@ -124,7 +124,8 @@ impl BlockDevice for Window {
             return Ok(0);
         }
 
-        self.inner.read_at(self.to_inner(offset), &mut buf[..count])
+        self.inner
+            .read_at(self.inner_offset(offset), &mut buf[..count])
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<usize> {
@@ -133,7 +134,8 @@ impl BlockDevice for Window {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
 
-        self.inner.write_at(self.to_inner(offset), &data[..count])
+        self.inner
+            .write_at(self.inner_offset(offset), &data[..count])
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -142,17 +144,17 @@ impl BlockDevice for Window {
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(offset, len, self.len)?;
-        self.inner.discard(self.to_inner(offset), len)
+        self.inner.discard(self.inner_offset(offset), len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(offset, len, self.len)?;
-        self.inner.write_zeroes(self.to_inner(offset), len)
+        self.inner.write_zeroes(self.inner_offset(offset), len)
     }
 
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(offset, len, self.len)?;
-        self.inner.allocate(self.to_inner(offset), len)
+        self.inner.allocate(self.inner_offset(offset), len)
     }
 
     fn seek_data(&self, offset: u64) -> io::Result<u64> {
@@ -160,12 +162,12 @@ impl BlockDevice for Window {
             return Err(io::Error::from_raw_os_error(libc::ENXIO));
         }
 
-        let found = self.inner.seek_data(self.to_inner(offset))?;
+        let found = self.inner.seek_data(self.inner_offset(offset))?;
         if found >= self.start + self.len {
             return Err(io::Error::from_raw_os_error(libc::ENXIO));
         }
 
-        Ok(self.from_inner(found))
+        Ok(self.window_offset(found))
     }
 
     fn seek_hole(&self, offset: u64) -> io::Result<u64> {
@@ -173,9 +175,9 @@ impl BlockDevice for Window {
             return Err(io::Error::from_raw_os_error(libc::ENXIO));
         }
 
-        let found = self.inner.seek_hole(self.to_inner(offset))?;
+        let found = self.inner.seek_hole(self.inner_offset(offset))?;
 
-        Ok(self.from_inner(found))
+        Ok(self.window_offset(found))
     }
 
     fn allocated_sectors(&self) -> io::Result<u64> {

@@ -89,6 +89,27 @@ pub fn probe(path: &Path) -> Result<ImageInfo, ImageError> {
     Ok(info)
 }
 
+/// Checks that the image at `path` is not locked by an attachment that conflicts with
+/// `access`. The lock taken for the check is released at once; [`Image::open`] takes the real
+/// one, so this only serves to report a conflict before anything is started.
+pub fn check_unlocked(path: &Path, access: Access) -> Result<(), ImageError> {
+    let file = open_file(path, Access::ReadOnly)?;
+    lock(file, path, access).map(drop)
+}
+
+fn lock(file: File, path: &Path, access: Access) -> Result<Flock<File>, ImageError> {
+    let lock_kind = match access {
+        Access::ReadWrite => FlockArg::LockExclusiveNonblock,
+        Access::ReadOnly => FlockArg::LockSharedNonblock,
+    };
+
+    Flock::lock(file, lock_kind).map_err(|(_, _)| ImageError::Locked {
+        path: path.to_path_buf(),
+        // A shared lock only conflicts with an exclusive one, held by a writer.
+        holder_writes: access == Access::ReadOnly,
+    })
+}
+
 fn open_file(path: &Path, access: Access) -> Result<File, ImageError> {
     let metadata = std::fs::metadata(path).map_err(|source| open_error(path, source))?;
     check_file_type(path, &metadata.file_type())?;
@@ -213,15 +234,7 @@ impl Image {
         let mut file = open_file(&path, access)?;
         let info = inspect(&path, &mut file)?;
 
-        let lock_kind = match access {
-            Access::ReadWrite => FlockArg::LockExclusiveNonblock,
-            Access::ReadOnly => FlockArg::LockSharedNonblock,
-        };
-        let file = Flock::lock(file, lock_kind).map_err(|(_, _)| ImageError::Locked {
-            path: path.clone(),
-            // A shared lock only conflicts with an exclusive one, held by a writer.
-            holder_writes: access == Access::ReadOnly,
-        })?;
+        let file = lock(file, &path, access)?;
 
         let read_only = access == Access::ReadOnly;
         let map = SharedMap::new(&file, info.len, read_only).map_err(|source| ImageError::Map {

@@ -1,0 +1,242 @@
+//! The daemon: opens the image, mounts the FUSE filesystem, reports readiness, serves
+//! requests until unmounted or signalled, then flushes the image and removes its entry.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{Config, MountOption, SessionACL};
+use nix::sys::signal::{SigSet, Signal};
+
+use super::{AttachError, AttachOptions, device_range};
+use crate::block::{BlockDevice, Window};
+use crate::fs::{DeviceFs, DeviceTable, Owner};
+use crate::image::{Access, Image};
+use crate::registry::{ProcessId, Registry, Stage};
+
+/// How the daemon tells its starter that the device is usable.
+pub enum Readiness<'a> {
+    /// Write `ready` (or `error<TAB>message`) as one line to standard output, a pipe read by
+    /// `attach`, then point standard output at `/dev/null`.
+    Pipe,
+    /// Call this function once mounted.
+    Callback(Box<dyn FnOnce() + 'a>),
+}
+
+const READY_LINE: &str = "ready";
+const ERROR_PREFIX: &str = "error\t";
+
+/// Parses a readiness line written by [`Readiness::Pipe`]; `None` for an empty line (the
+/// daemon exited without writing one).
+pub(super) fn parse_readiness(line: &str) -> Option<Result<(), String>> {
+    let line = line.trim_end_matches('\n');
+    if line == READY_LINE {
+        return Some(Ok(()));
+    }
+    line.strip_prefix(ERROR_PREFIX)
+        .map(|message| Err(message.to_string()))
+}
+
+/// Serves the attachment `name` until it is unmounted or the process receives SIGTERM,
+/// SIGINT or SIGHUP.
+///
+/// With [`Readiness::Pipe`], a failure before the mount is also written to the pipe.
+pub fn serve(
+    options: &AttachOptions,
+    registry: &Registry,
+    name: &str,
+    readiness: Readiness,
+) -> Result<(), AttachError> {
+    // Blocked before any thread starts, so that every thread inherits the mask and only the
+    // signal thread below receives these signals.
+    let signals = stop_signals();
+    if let Err(error) = signals.thread_block() {
+        log::warn!("{name}: cannot block stop signals: {error}");
+    }
+
+    let session = match mount(options, registry, name) {
+        Ok(session) => session,
+        Err(error) => {
+            if matches!(readiness, Readiness::Pipe) {
+                report_to_pipe(&format!("{ERROR_PREFIX}{}", crate::error_chain(&error)));
+            }
+            return Err(error);
+        }
+    };
+    let Mounted {
+        mut session,
+        disk,
+        image,
+    } = session;
+
+    match readiness {
+        Readiness::Pipe => {
+            report_to_pipe(READY_LINE);
+            detach_stdout();
+        }
+        Readiness::Callback(on_ready) => on_ready(),
+    }
+    log::info!(
+        "{name}: attached {} at {}",
+        image.display(),
+        registry.mountpoint(name).display()
+    );
+
+    let mut unmounter = session.unmount_callable();
+    let signal_name = name.to_string();
+    let mountpoint = registry.mountpoint(name);
+    std::thread::spawn(move || {
+        if let Ok(signal) = signals.wait() {
+            log::info!("{signal_name}: {signal} received, unmounting");
+            if let Err(error) = unmounter.unmount() {
+                log::warn!("{signal_name}: unmount failed ({error}); detaching lazily");
+                let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    });
+
+    let served = session.run();
+    if let Err(error) = &served {
+        log::error!("{name}: FUSE session ended with an error: {error}");
+    }
+
+    let flushed = disk.flush();
+    match &flushed {
+        Ok(()) => log::info!("{name}: flushed and detached {}", image.display()),
+        Err(error) => log::error!("{name}: flushing {} failed: {error}", image.display()),
+    }
+    registry.remove(name);
+
+    flushed.map_err(|source| AttachError::Flush { image, source })
+}
+
+struct Mounted {
+    session: fuser::Session<DeviceFs>,
+    disk: Arc<dyn BlockDevice>,
+    image: std::path::PathBuf,
+}
+
+fn stop_signals() -> SigSet {
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(signal);
+    }
+    signals
+}
+
+/// Opens the image, builds the device files and mounts them; updates the state file.
+fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mounted, AttachError> {
+    let access = if options.read_only {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    };
+    let image = Arc::new(Image::open(&options.image, access)?);
+    let image_path = image.path().to_path_buf();
+    let (offset, size, _) = device_range(options, image.len())?;
+
+    let disk: Arc<dyn BlockDevice> = if offset == 0 && size == image.len() {
+        image.clone()
+    } else {
+        let window =
+            Window::new(image.clone(), offset, size).map_err(|source| AttachError::Mount {
+                image: image_path.clone(),
+                mountpoint: registry.mountpoint(name),
+                source,
+            })?;
+        Arc::new(window)
+    };
+
+    let devices = Arc::new(DeviceTable::new(disk.clone()));
+    let filesystem = DeviceFs::new(devices, current_owner(), image_mtime(&image_path));
+    let mountpoint = registry.mountpoint(name);
+    let session = fuser::Session::new(filesystem, &mountpoint, &session_config(options)).map_err(
+        |source| AttachError::Mount {
+            image: image_path.clone(),
+            mountpoint: mountpoint.clone(),
+            source,
+        },
+    )?;
+
+    record_attached(registry, name)?;
+
+    Ok(Mounted {
+        session,
+        disk,
+        image: image_path,
+    })
+}
+
+fn record_attached(registry: &Registry, name: &str) -> Result<(), AttachError> {
+    let mut state = registry.find(name)?.state;
+    state.stage = Stage::Attached;
+    state.pid = ProcessId::current();
+    registry.write_state(&state)?;
+    Ok(())
+}
+
+fn session_config(options: &AttachOptions) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("loopfuse".to_string()),
+        MountOption::Subtype("loopfuse".to_string()),
+        MountOption::DefaultPermissions,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoExec,
+        MountOption::NoAtime,
+    ];
+    if options.read_only {
+        config.mount_options.push(MountOption::RO);
+    }
+    config.acl = if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(worker_threads());
+    config.clone_fd = true;
+    config
+}
+
+/// Worker threads of the FUSE session. More threads than cores pay off because a request can
+/// block on a page fault into the image while another is served.
+fn worker_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores * 2).clamp(4, 16)
+}
+
+fn current_owner() -> Owner {
+    Owner {
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+    }
+}
+
+fn image_mtime(path: &std::path::Path) -> SystemTime {
+    std::fs::metadata(path)
+        .map(|metadata| {
+            SystemTime::UNIX_EPOCH
+                + Duration::new(metadata.mtime() as u64, metadata.mtime_nsec() as u32)
+        })
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+fn report_to_pipe(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+}
+
+/// Points standard output at `/dev/null`, closing the readiness pipe so `attach` can exit.
+fn detach_stdout() {
+    match std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        Ok(null) => {
+            if let Err(error) = nix::unistd::dup2_stdout(&null) {
+                log::warn!("cannot close the readiness pipe: {error}");
+            }
+        }
+        Err(error) => log::warn!("cannot open /dev/null: {error}"),
+    }
+}

@@ -1,0 +1,175 @@
+//! Detaching: unmount, wait for the daemon to flush the image and exit, clean the registry.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::mount::{MntFlags, umount2};
+use nix::unistd::Uid;
+
+use super::environment::{FUSERMOUNT, find_fusermount};
+use super::is_mounted;
+use crate::registry::{Entry, Liveness, Registry, RegistryError};
+
+/// How long `detach` waits for the daemon to flush and exit after the unmount.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Errors from detaching.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DetachError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+
+    #[error("{name}: device is busy: a process still has a file open on {} (close it, then detach again; 'fuser -vm {}' lists the processes)", mountpoint.display(), mountpoint.display())]
+    Busy { name: String, mountpoint: PathBuf },
+
+    #[error("{name}: cannot unmount {}: {reason}", mountpoint.display())]
+    Unmount {
+        name: String,
+        mountpoint: PathBuf,
+        reason: String,
+    },
+
+    #[error("{name}: the daemon (pid {pid}) did not exit within {} s of the unmount; see its log {}", EXIT_TIMEOUT.as_secs(), log.display())]
+    DaemonStuck {
+        name: String,
+        pid: i32,
+        log: PathBuf,
+    },
+
+    #[error("{failed} of {total} attachments could not be detached")]
+    Several { failed: usize, total: usize },
+}
+
+/// Detaches the attachment named by `query` (a name, device file, directory or image) and
+/// returns its entry.
+///
+/// A live attachment is unmounted (non-lazily, so a busy device is reported, not hidden) and
+/// its daemon is waited for. A stale one is cleaned: its leftover mount is detached lazily
+/// and its registry files are removed.
+pub fn detach(registry: &Registry, query: &str) -> Result<Entry, DetachError> {
+    let entry = registry.find(query)?;
+    detach_entry(registry, &entry)?;
+    Ok(entry)
+}
+
+/// Detaches every attachment of the registry, reporting each failure as it happens.
+pub fn detach_all(
+    registry: &Registry,
+    mut on_error: impl FnMut(&DetachError),
+) -> Result<usize, DetachError> {
+    let entries = registry.list()?;
+    let total = entries.len();
+    let mut failed = 0;
+
+    for entry in &entries {
+        if let Err(error) = detach_entry(registry, entry) {
+            on_error(&error);
+            failed += 1;
+        }
+    }
+
+    if failed > 0 {
+        return Err(DetachError::Several { failed, total });
+    }
+    Ok(total)
+}
+
+fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
+    let name = &entry.state.name;
+
+    if entry.liveness == Liveness::Stale {
+        log::info!(
+            "{name}: cleaning stale attachment of {}",
+            entry.state.image.display()
+        );
+        if is_mounted(&entry.mountpoint) {
+            unmount_lazily(&entry.mountpoint);
+        }
+        registry.remove(name);
+        return Ok(());
+    }
+
+    unmount(name, &entry.mountpoint)?;
+    wait_for_exit(registry, entry)?;
+    // The daemon removes its own entry; this covers a daemon that died while flushing.
+    registry.remove(name);
+    log::info!("{name}: detached {}", entry.state.image.display());
+
+    Ok(())
+}
+
+fn unmount(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
+    if !is_mounted(mountpoint) {
+        // Still starting, or already unmounted: the daemon exits by itself.
+        return Ok(());
+    }
+
+    let result = if Uid::effective().is_root() {
+        umount2(mountpoint, MntFlags::empty())
+            .map_err(|errno| (errno == nix::errno::Errno::EBUSY, errno.desc().to_string()))
+    } else {
+        fusermount_unmount(mountpoint)
+    };
+
+    match result {
+        Ok(()) => Ok(()),
+        Err((true, _)) => Err(DetachError::Busy {
+            name: name.to_string(),
+            mountpoint: mountpoint.to_path_buf(),
+        }),
+        Err((false, reason)) => Err(DetachError::Unmount {
+            name: name.to_string(),
+            mountpoint: mountpoint.to_path_buf(),
+            reason,
+        }),
+    }
+}
+
+/// Unmounts through the setuid helper; the error is `(busy, message)`.
+fn fusermount_unmount(mountpoint: &Path) -> Result<(), (bool, String)> {
+    let helper = find_fusermount().unwrap_or_else(|| PathBuf::from(FUSERMOUNT));
+    let output = Command::new(&helper)
+        .arg("-u")
+        .arg("--")
+        .arg(mountpoint)
+        .output()
+        .map_err(|error| (false, format!("cannot run {}: {error}", helper.display())))?;
+
+    if output.status.success() {
+        return Ok(());
+    }
+    let message = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    Err((message.contains("busy"), message))
+}
+
+fn unmount_lazily(mountpoint: &Path) {
+    if Uid::effective().is_root() {
+        let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
+        return;
+    }
+    let helper = find_fusermount().unwrap_or_else(|| PathBuf::from(FUSERMOUNT));
+    let _ = Command::new(helper)
+        .args(["-u", "-z", "--"])
+        .arg(mountpoint)
+        .output();
+}
+
+fn wait_for_exit(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+
+    while entry.state.pid.is_running() {
+        if started.elapsed() > EXIT_TIMEOUT {
+            return Err(DetachError::DaemonStuck {
+                name: entry.state.name.clone(),
+                pid: entry.state.pid.pid,
+                log: registry.log_path(&entry.state.name),
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! Checks that this process can mount a FUSE filesystem, with the fix for each failure.
+
+use std::ffi::OsString;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{AccessFlags, Uid, access};
+
+/// Path of the FUSE device.
+pub const FUSE_DEVICE: &str = "/dev/fuse";
+
+/// The setuid helper that mounts FUSE filesystems for unprivileged users.
+pub const FUSERMOUNT: &str = "fusermount3";
+
+/// Why a mount cannot work here.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvironmentError {
+    #[error(
+        "{FUSE_DEVICE}: not found; load the module with 'modprobe fuse', or in a container pass '--device /dev/fuse'"
+    )]
+    NoFuseDevice,
+
+    #[error(
+        "{FUSE_DEVICE}: permission denied for uid {uid} (mode {mode:o}); as root run 'chmod 0666 {FUSE_DEVICE}' (distributions' udev rules do this), or in a container pass '--device /dev/fuse'"
+    )]
+    FuseDeviceDenied { uid: u32, mode: u32 },
+
+    #[error(
+        "{FUSERMOUNT}: not found in PATH; unprivileged users mount through it: install it with 'apt-get install fuse3' (Debian, Ubuntu) or 'dnf install fuse3' (Fedora)"
+    )]
+    NoFusermount,
+
+    #[error("{}: not setuid root, so it cannot mount for unprivileged users; reinstall the fuse3 package, or as root run 'chmod u+s {}'", path.display(), path.display())]
+    FusermountNotSetuid { path: PathBuf },
+}
+
+/// Checks that the FUSE device can be opened and, for an unprivileged user, that the
+/// setuid helper is installed.
+pub fn check_mount_possible() -> Result<(), EnvironmentError> {
+    let metadata = std::fs::metadata(FUSE_DEVICE).map_err(|_| EnvironmentError::NoFuseDevice)?;
+    if access(FUSE_DEVICE, AccessFlags::R_OK | AccessFlags::W_OK).is_err() {
+        return Err(EnvironmentError::FuseDeviceDenied {
+            uid: Uid::current().as_raw(),
+            mode: metadata.permissions().mode() & 0o7777,
+        });
+    }
+
+    if Uid::effective().is_root() {
+        return Ok(());
+    }
+    let helper = find_fusermount().ok_or(EnvironmentError::NoFusermount)?;
+    check_setuid_root(&helper)
+}
+
+/// Finds the setuid helper the way `fuser` does: `FUSERMOUNT_PATH`, else `PATH`.
+pub fn find_fusermount() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("FUSERMOUNT_PATH") {
+        return Some(PathBuf::from(path));
+    }
+
+    let search_path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    std::env::split_paths(&search_path)
+        .map(|directory| directory.join(FUSERMOUNT))
+        .find(|candidate| candidate.is_file())
+}
+
+fn check_setuid_root(helper: &Path) -> Result<(), EnvironmentError> {
+    let not_setuid = || EnvironmentError::FusermountNotSetuid {
+        path: helper.to_path_buf(),
+    };
+    let metadata = std::fs::metadata(helper).map_err(|_| not_setuid())?;
+
+    if metadata.uid() != 0 || metadata.permissions().mode() & 0o4000 == 0 {
+        return Err(not_setuid());
+    }
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! Output of `loopfuse list`: a table with named columns, or JSON.
+
+use serde::Serialize;
+
+use crate::registry::{Entry, Liveness, Stage};
+
+/// One attachment as `list --json` prints it.
+#[derive(Debug, Serialize)]
+struct ListedAttachment<'a> {
+    name: &'a str,
+    device: String,
+    image: String,
+    offset: u64,
+    size: u64,
+    sizelimit: u64,
+    read_only: bool,
+    partscan: bool,
+    sector_size: u32,
+    pid: i32,
+    state: &'static str,
+}
+
+fn state_of(entry: &Entry) -> &'static str {
+    match (entry.liveness, entry.state.stage) {
+        (Liveness::Stale, _) => "stale",
+        (Liveness::Live, Stage::Starting) => "starting",
+        (Liveness::Live, Stage::Attached) => "attached",
+    }
+}
+
+fn listed(entry: &Entry) -> ListedAttachment<'_> {
+    ListedAttachment {
+        name: &entry.state.name,
+        device: entry.device().display().to_string(),
+        image: entry.state.image.display().to_string(),
+        offset: entry.state.offset,
+        size: entry.state.size,
+        sizelimit: entry.state.sizelimit,
+        read_only: entry.state.read_only,
+        partscan: entry.state.partscan,
+        sector_size: entry.state.sector_size,
+        pid: entry.state.pid.pid,
+        state: state_of(entry),
+    }
+}
+
+/// Renders `entries` as `{"attachments": [...]}` followed by a newline.
+pub fn to_json(entries: &[Entry]) -> Result<String, serde_json::Error> {
+    #[derive(Serialize)]
+    struct Listing<'a> {
+        attachments: Vec<ListedAttachment<'a>>,
+    }
+
+    let listing = Listing {
+        attachments: entries.iter().map(listed).collect(),
+    };
+    Ok(serde_json::to_string_pretty(&listing)? + "\n")
+}
+
+/// Column headings of the table, in order.
+const COLUMNS: [&str; 8] = [
+    "NAME", "SIZE", "OFFSET", "RO", "PID", "STATE", "IMAGE", "DEVICE",
+];
+
+/// Renders `entries` as a table with aligned columns; the last column is not padded.
+pub fn to_table(entries: &[Entry], headings: bool) -> String {
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    if headings {
+        rows.push(COLUMNS.iter().map(|column| column.to_string()).collect());
+    }
+    for entry in entries {
+        let item = listed(entry);
+        rows.push(vec![
+            item.name.to_string(),
+            item.size.to_string(),
+            item.offset.to_string(),
+            u8::from(item.read_only).to_string(),
+            item.pid.to_string(),
+            item.state.to_string(),
+            item.image,
+            item.device,
+        ]);
+    }
+
+    let mut widths = [0usize; COLUMNS.len()];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+
+    let mut output = String::new();
+    for row in rows {
+        let last = row.len() - 1;
+        for (index, cell) in row.iter().enumerate() {
+            if index == last {
+                output.push_str(cell);
+            } else {
+                output.push_str(&format!("{cell:<width$} ", width = widths[index]));
+            }
+        }
+        output.push('\n');
+    }
+    output
+}

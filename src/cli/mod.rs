@@ -1,0 +1,233 @@
+//! The command line: clap definitions, their validation into library options, and output.
+//!
+//! Options follow `losetup` where it has an equivalent (`-o`, `--sizelimit`, `-r`, `-P`,
+//! `-b`, `--show`, `-J`, `-n`). This module only calls the library.
+#![forbid(unsafe_code)]
+
+mod list;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::attach::{self, AttachOptions, SECTOR_SIZES};
+use crate::registry::Registry;
+pub use size::parse_size;
+
+/// Attach raw disk images as loop-like device files through FUSE, without root and without
+/// the kernel loop driver.
+#[derive(Debug, Parser)]
+#[command(name = "loopfuse", version, propagate_version = true)]
+pub struct Cli {
+    /// Log more: -v for info, -vv for debug, -vvv for trace (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach an image and print the path of its device file.
+    Attach(AttachArgs),
+    /// Detach attachments: unmount, flush the image and stop the daemon.
+    Detach(DetachArgs),
+    /// List attachments.
+    #[command(visible_alias = "ls")]
+    List(ListArgs),
+    /// Serve an attachment reserved by 'attach' (internal).
+    #[command(hide = true)]
+    Daemon(DaemonArgs),
+}
+
+/// Options that shape the device, shared by `attach` and the daemon.
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// Start the device this many bytes into the image (suffixes: K, M, G, KiB, MB, ...).
+    #[arg(short = 'o', long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    pub offset: u64,
+
+    /// Limit the device to this many bytes (suffixes as for --offset).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub sizelimit: Option<u64>,
+
+    /// Attach read-only: writes fail with EROFS and the image is mapped read-only.
+    #[arg(short, long)]
+    pub read_only: bool,
+
+    /// Expose the image's partitions as p1, p2, ... beside the disk.
+    #[arg(short = 'P', long)]
+    pub partscan: bool,
+
+    /// Logical sector size in bytes: 512, 1024, 2048 or 4096.
+    #[arg(short = 'b', long, value_name = "SIZE", value_parser = parse_sector_size, default_value = "512")]
+    pub sector_size: u32,
+
+    /// Let other users open the device files (needs 'user_allow_other' in /etc/fuse.conf
+    /// for unprivileged users).
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// The raw image file (or block device) to attach.
+    pub image: PathBuf,
+}
+
+impl DeviceArgs {
+    fn to_options(&self) -> AttachOptions {
+        AttachOptions {
+            image: self.image.clone(),
+            offset: self.offset,
+            sizelimit: self.sizelimit,
+            read_only: self.read_only,
+            partscan: self.partscan,
+            sector_size: self.sector_size,
+            allow_other: self.allow_other,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+
+    /// Print only the device path (the default output; accepted as with losetup).
+    #[arg(long)]
+    pub show: bool,
+
+    /// Serve the device from this process until it is detached or interrupted.
+    #[arg(short, long)]
+    pub foreground: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// Detach every attachment of this user.
+    #[arg(short, long, conflicts_with = "targets")]
+    pub all: bool,
+
+    /// Attachments to detach: a name (loop0), a device file, its directory, or the image.
+    #[arg(required_unless_present = "all")]
+    pub targets: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(short = 'J', long)]
+    pub json: bool,
+
+    /// Leave out the table heading.
+    #[arg(short, long)]
+    pub noheadings: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Name reserved by 'attach'.
+    #[arg(long)]
+    pub name: String,
+
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+fn parse_sector_size(text: &str) -> Result<u32, String> {
+    let size = parse_size(text)?;
+    SECTOR_SIZES
+        .iter()
+        .copied()
+        .find(|&allowed| u64::from(allowed) == size)
+        .ok_or_else(|| format!("invalid sector size {size}: use 512, 1024, 2048 or 4096"))
+}
+
+/// Runs a parsed command line and returns the process exit status.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Attach(args) => run_attach(&args),
+        Command::Detach(args) => run_detach(&args),
+        Command::List(args) => run_list(&args),
+        Command::Daemon(args) => run_daemon(&args),
+    };
+
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("loopfuse: {}", crate::error_chain(error.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CommandResult = Result<(), Box<dyn std::error::Error>>;
+
+fn run_attach(args: &AttachArgs) -> CommandResult {
+    let registry = Registry::for_current_user()?;
+    let options = args.device.to_options();
+
+    if args.foreground {
+        attach::attach_foreground(&options, &registry, |attached| {
+            println!("{}", attached.device.display());
+        })?;
+        return Ok(());
+    }
+
+    let attached = attach::attach(&options, &registry)?;
+    println!("{}", attached.device.display());
+    Ok(())
+}
+
+fn run_detach(args: &DetachArgs) -> CommandResult {
+    let registry = Registry::for_current_user()?;
+
+    if args.all {
+        attach::detach_all(&registry, |error| {
+            eprintln!("loopfuse: {}", crate::error_chain(error))
+        })?;
+        return Ok(());
+    }
+
+    if let [target] = args.targets.as_slice() {
+        attach::detach(&registry, target)?;
+        return Ok(());
+    }
+
+    let mut failures = 0;
+    for target in &args.targets {
+        if let Err(error) = attach::detach(&registry, target) {
+            eprintln!("loopfuse: {}", crate::error_chain(&error));
+            failures += 1;
+        }
+    }
+    if failures > 0 {
+        return Err(format!("{failures} of {} detaches failed", args.targets.len()).into());
+    }
+    Ok(())
+}
+
+fn run_list(args: &ListArgs) -> CommandResult {
+    let registry = Registry::for_current_user()?;
+    let entries = registry.list()?;
+
+    let output = if args.json {
+        list::to_json(&entries)?
+    } else {
+        list::to_table(&entries, !args.noheadings)
+    };
+    print!("{output}");
+    Ok(())
+}
+
+fn run_daemon(args: &DaemonArgs) -> CommandResult {
+    let registry = attach::daemon_registry()?;
+    attach::serve(
+        &args.device.to_options(),
+        &registry,
+        &args.name,
+        attach::Readiness::Pipe,
+    )?;
+    Ok(())
+}

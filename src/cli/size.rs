@@ -1,0 +1,79 @@
+//! Sizes on the command line: `512`, `4K`, `4KiB`, `1MB`, `2G`, as util-linux accepts them.
+
+/// Parses a size in bytes. `K`, `M`, `G`, `T`, `P`, `E` (optionally followed by `iB`) are
+/// powers of 1024; the same letters followed by `B` are powers of 1000.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits_end);
+    if number.is_empty() {
+        return Err(format!(
+            "invalid size '{text}': expected a number of bytes, optionally with a suffix such as 4K, 1MiB or 2G"
+        ));
+    }
+
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid size '{text}': the number is too large"))?;
+    let multiplier = suffix_multiplier(suffix).ok_or_else(|| {
+        format!("invalid size '{text}': unknown suffix '{suffix}' (use K, M, G, T, KiB, MiB, GiB, KB, MB, GB)")
+    })?;
+
+    value
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("invalid size '{text}': larger than 2^64 bytes"))
+}
+
+fn suffix_multiplier(suffix: &str) -> Option<u64> {
+    if suffix.is_empty() {
+        return Some(1);
+    }
+    let mut characters = suffix.chars();
+    let letter = characters.next()?.to_ascii_uppercase();
+    let exponent = "KMGTPE".find(letter)? as u32 + 1;
+
+    match characters.as_str() {
+        "" | "iB" | "ib" => 1024u64.checked_pow(exponent),
+        "B" | "b" => 1000u64.checked_pow(exponent),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_accepts_suffixes() {
+        let cases = [
+            ("512", 512),
+            ("4K", 4096),
+            ("4k", 4096),
+            ("1MiB", 1 << 20),
+            ("2G", 2 << 30),
+            ("1MB", 1_000_000),
+            ("3T", 3 << 40),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_size(text), Ok(expected), "size {text}");
+        }
+    }
+
+    #[test]
+    fn size_rejects_malformed_text() {
+        for text in [
+            "",
+            "K",
+            "-1",
+            "1.5G",
+            "12Q",
+            "4KiBB",
+            "99999999999999999999",
+            "16E",
+        ] {
+            assert!(parse_size(text).is_err(), "size {text}");
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! The FUSE filesystem of an attachment: a directory holding `disk` and, after a partition
+//! scan, `p1`, `p2`, ...; each file behaves like a loop device and its partitions.
+//!
+//! Handlers translate requests into [`BlockDevice`] calls and map `io::Error` to an errno in
+//! one place ([`errno_of`]). This module knows nothing of how the image is stored.
+#![forbid(unsafe_code)]
+
+mod devices;
+
+use std::cell::RefCell;
+use std::ffi::OsStr;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    WriteFlags,
+};
+
+use crate::block::BlockDevice;
+pub use devices::{DISK_INODE, DISK_NAME, DeviceEntry, DeviceTable, ROOT_INODE};
+
+/// How long the kernel may cache attributes and names. The size and times of a device file
+/// never change while attached, so only `st_blocks` can be up to this much out of date.
+const ATTR_TTL: Duration = Duration::from_secs(1);
+
+/// Largest write request accepted, and the read-ahead window asked of the kernel.
+pub const MAX_REQUEST: u32 = 1 << 20;
+
+/// `st_blksize` of the device files: the preferred I/O size, as block devices report it.
+const BLOCK_SIZE: u32 = 4096;
+
+/// Ownership and permissions of the files of an attachment.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The filesystem served for one attachment.
+pub struct DeviceFs {
+    devices: Arc<DeviceTable>,
+    owner: Owner,
+    read_only: bool,
+    /// Modification time shown for every file: the image's, fixed at attach time, so the
+    /// kernel never sees a change that would make it drop its cached pages.
+    mtime: SystemTime,
+}
+
+thread_local! {
+    /// Per-thread read buffer, reused so that reads do not allocate.
+    static READ_BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl DeviceFs {
+    /// Creates the filesystem for `devices`.
+    pub fn new(devices: Arc<DeviceTable>, owner: Owner, mtime: SystemTime) -> Self {
+        let read_only = devices.disk().read_only();
+        Self {
+            devices,
+            owner,
+            read_only,
+            mtime,
+        }
+    }
+
+    fn directory_attr(&self) -> FileAttr {
+        let mut attr = self.base_attr(ROOT_INODE);
+        attr.kind = FileType::Directory;
+        attr.perm = 0o755;
+        attr.nlink = 2;
+        attr
+    }
+
+    fn device_attr(&self, entry: &DeviceEntry) -> FileAttr {
+        let mut attr = self.base_attr(entry.inode);
+        attr.size = entry.device.len();
+        attr.blocks = entry.device.allocated_sectors().unwrap_or(0);
+        attr.perm = if self.read_only { 0o400 } else { 0o600 };
+        attr
+    }
+
+    fn base_attr(&self, inode: u64) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(inode),
+            size: 0,
+            blocks: 0,
+            atime: self.mtime,
+            mtime: self.mtime,
+            ctime: self.mtime,
+            crtime: self.mtime,
+            kind: FileType::RegularFile,
+            perm: 0,
+            nlink: 1,
+            uid: self.owner.uid,
+            gid: self.owner.gid,
+            rdev: 0,
+            flags: 0,
+            blksize: BLOCK_SIZE,
+        }
+    }
+
+    fn attr_of(&self, inode: u64) -> Option<FileAttr> {
+        if inode == ROOT_INODE {
+            return Some(self.directory_attr());
+        }
+        self.devices
+            .find_by_inode(inode)
+            .map(|entry| self.device_attr(&entry))
+    }
+
+    fn opened_device(&self, handle: FileHandle) -> Result<DeviceEntry, Errno> {
+        self.devices.handle(u64::from(handle)).ok_or(Errno::EBADF)
+    }
+}
+
+/// Maps an I/O error to the errno sent to the kernel.
+fn errno_of(error: &io::Error) -> Errno {
+    match error.raw_os_error() {
+        Some(code) => Errno::from_i32(code),
+        None => Errno::EIO,
+    }
+}
+
+/// Logs a failed request at the level its cause deserves and returns its errno.
+fn failed(operation: &str, entry: &DeviceEntry, offset: u64, error: &io::Error) -> Errno {
+    let errno = errno_of(error);
+    match error.raw_os_error() {
+        // Expected answers of a device: the caller went past the end, or wrote to a
+        // read-only attachment, or the backing filesystem is full.
+        Some(libc::ENOSPC | libc::EROFS | libc::ENXIO | libc::EINVAL | libc::EOPNOTSUPP) => {
+            log::debug!("{} {operation} at {offset:#x}: {error}", entry.name)
+        }
+        _ => log::warn!("{}: {operation} at {offset:#x} failed: {error}", entry.name),
+    }
+    errno
+}
+
+impl Filesystem for DeviceFs {
+    fn init(&mut self, _request: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(nearest) = config.set_max_write(MAX_REQUEST) {
+            let _ = config.set_max_write(nearest);
+        }
+        if let Err(nearest) = config.set_max_readahead(MAX_REQUEST) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        log::debug!("kernel FUSE protocol {:?}", config.kernel_abi());
+        Ok(())
+    }
+
+    fn lookup(&self, _request: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let entry = match (u64::from(parent), name.to_str()) {
+            (ROOT_INODE, Some(name)) => self.devices.find_by_name(name),
+            _ => None,
+        };
+
+        match entry {
+            Some(entry) => reply.entry(&ATTR_TTL, &self.device_attr(&entry), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        handle: Option<FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        // An open file keeps the device it opened, even after a rescan replaced its entry.
+        let attr = match handle.and_then(|handle| self.devices.handle(u64::from(handle))) {
+            Some(entry) => Some(self.device_attr(&entry)),
+            None => self.attr_of(u64::from(inode)),
+        };
+
+        match attr {
+            Some(attr) => reply.attr(&ATTR_TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        handle: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // A block device's size cannot be truncated: O_TRUNC and truncate(2) succeed and
+        // leave the device as it is. Times are fixed. Ownership and mode are not ours to
+        // change, because they mirror the attaching user.
+        if mode.is_some() || uid.is_some() || gid.is_some() {
+            reply.error(Errno::EPERM);
+            return;
+        }
+        self.getattr(_request, inode, handle, reply);
+    }
+
+    fn open(&self, _request: &Request, inode: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let Some(entry) = self.devices.find_by_inode(u64::from(inode)) else {
+            reply.error(if u64::from(inode) == ROOT_INODE {
+                Errno::EISDIR
+            } else {
+                Errno::ENOENT
+            });
+            return;
+        };
+        if self.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
+            reply.error(Errno::EROFS);
+            return;
+        }
+
+        log::debug!("open {} flags {:#x}", entry.name, flags.0);
+        let handle = self.devices.open(entry);
+        // Every change to the data goes through this filesystem, so the kernel may keep its
+        // cached pages of the file from one open to the next.
+        reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        handle: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let entry = match self.opened_device(handle) {
+            Ok(entry) => entry,
+            Err(errno) => return reply.error(errno),
+        };
+
+        READ_BUFFER.with_borrow_mut(|buffer| {
+            if buffer.len() < size as usize {
+                buffer.resize(size as usize, 0);
+            }
+            match entry.device.read_at(offset, &mut buffer[..size as usize]) {
+                Ok(count) => reply.data(&buffer[..count]),
+                Err(error) => reply.error(failed("read", &entry, offset, &error)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        handle: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let entry = match self.opened_device(handle) {
+            Ok(entry) => entry,
+            Err(errno) => return reply.error(errno),
+        };
+
+        match entry.device.write_at(offset, data) {
+            Ok(count) => reply.written(count as u32),
+            Err(error) => reply.error(failed("write", &entry, offset, &error)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        _handle: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        handle: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.devices.release(u64::from(handle));
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        handle: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let entry = match self.opened_device(handle) {
+            Ok(entry) => entry,
+            Err(errno) => return reply.error(errno),
+        };
+
+        match entry.device.flush() {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(failed("fsync", &entry, 0, &error)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _request: &Request,
+        inode: INodeNo,
+        _handle: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if u64::from(inode) != ROOT_INODE {
+            reply.error(Errno::ENOTDIR);
+            return;
+        }
+
+        let mut listing = vec![
+            (ROOT_INODE, FileType::Directory, ".".to_string()),
+            (ROOT_INODE, FileType::Directory, "..".to_string()),
+        ];
+        for entry in self.devices.entries() {
+            listing.push((entry.inode, FileType::RegularFile, entry.name));
+        }
+
+        for (index, (inode, kind, name)) in listing.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(inode), index as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn getxattr(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        // ENOSYS tells the kernel that extended attributes are unsupported here, so it
+        // stops asking (security.selinux, security.capability) and answers EOPNOTSUPP itself.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _request: &Request, _inode: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn statfs(&self, _request: &Request, _inode: INodeNo, reply: ReplyStatfs) {
+        let blocks = self.devices.disk().len() / u64::from(BLOCK_SIZE);
+        let files = self.devices.entries().len() as u64;
+        reply.statfs(blocks, 0, 0, files, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
+    }
+
+    fn fallocate(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        handle: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let entry = match self.opened_device(handle) {
+            Ok(entry) => entry,
+            Err(errno) => return reply.error(errno),
+        };
+
+        match fallocate_device(entry.device.as_ref(), offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(error) => reply.error(failed("fallocate", &entry, offset, &error)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        handle: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let entry = match self.opened_device(handle) {
+            Ok(entry) => entry,
+            Err(errno) => return reply.error(errno),
+        };
+        let Ok(offset) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
+
+        let found = match whence {
+            libc::SEEK_DATA => entry.device.seek_data(offset),
+            libc::SEEK_HOLE => entry.device.seek_hole(offset),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        match found {
+            Ok(found) => reply.offset(found as i64),
+            Err(error) => reply.error(failed("lseek", &entry, offset, &error)),
+        }
+    }
+}
+
+/// Applies an `fallocate(2)` request to a device, with block-device semantics: the size never
+/// changes, and ranges are clamped to the end of the device.
+fn fallocate_device(
+    device: &dyn BlockDevice,
+    offset: u64,
+    length: u64,
+    mode: i32,
+) -> io::Result<()> {
+    let device_len = device.len();
+    let end = offset.saturating_add(length).min(device_len);
+    let length = end.saturating_sub(offset);
+    let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+
+    match mode & !libc::FALLOC_FL_KEEP_SIZE {
+        libc::FALLOC_FL_PUNCH_HOLE if keep_size => {
+            if length > 0 {
+                device.discard(offset, length)
+            } else {
+                Ok(())
+            }
+        }
+        libc::FALLOC_FL_ZERO_RANGE => {
+            if length > 0 {
+                device.write_zeroes(offset, length)
+            } else {
+                Ok(())
+            }
+        }
+        0 if length == 0 && offset >= device_len => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+        0 => device.allocate(offset, length),
+        _ => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
+    }
+}

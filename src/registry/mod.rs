@@ -1,0 +1,400 @@
+//! Where attachments live and what is known about them.
+//!
+//! The registry is a directory (`$XDG_RUNTIME_DIR/loopfuse`, or a private 0700 directory
+//! under the temporary directory when that variable is unset) holding, for an attachment
+//! named `loopN`: the mount point `loopN/`, the state file `loopN.json` and the daemon's log
+//! `loopN.log`. Names are allocated under an `flock` on the directory, lowest number first.
+//! This module knows nothing of FUSE internals.
+#![forbid(unsafe_code)]
+
+mod process;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+pub use process::ProcessId;
+
+/// Name of the device file of the whole disk inside an attachment's mount point.
+pub const DISK_FILE: &str = "disk";
+
+/// Errors from the registry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    #[error("{}: cannot create the runtime directory", path.display())]
+    CreateRoot { path: PathBuf, source: io::Error },
+
+    #[error("{}: runtime directory is not private (owner uid {owner}, mode {mode:o}); remove it or set XDG_RUNTIME_DIR to a directory of your own", path.display())]
+    UnsafeRoot {
+        path: PathBuf,
+        owner: u32,
+        mode: u32,
+    },
+
+    #[error("{}: cannot access the registry", path.display())]
+    Io { path: PathBuf, source: io::Error },
+
+    #[error("{}: invalid state file (remove it, and unmount {} if it is still mounted)", path.display(), mountpoint.display())]
+    BadState {
+        path: PathBuf,
+        mountpoint: PathBuf,
+        source: serde_json::Error,
+    },
+
+    #[error("{query}: no such attachment (see 'loopfuse list')")]
+    NotFound { query: String },
+
+    #[error("{query}: matches several attachments ({names}); name one of them")]
+    Ambiguous { query: String, names: String },
+}
+
+/// Lifecycle stage recorded in a state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// The name is reserved and `pid` is the attaching process, which is starting a daemon.
+    Starting,
+    /// The device is mounted and `pid` is the daemon serving it.
+    Attached,
+}
+
+/// The state file of an attachment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachmentState {
+    pub name: String,
+    pub stage: Stage,
+    /// Absolute path of the image file.
+    pub image: PathBuf,
+    /// Byte offset of the device inside the image.
+    pub offset: u64,
+    /// Size of the device in bytes.
+    pub size: u64,
+    /// The `--sizelimit` given, 0 when none.
+    pub sizelimit: u64,
+    pub read_only: bool,
+    pub partscan: bool,
+    /// Logical sector size used for partition tables.
+    pub sector_size: u32,
+    /// Process that owns the entry (see [`Stage`]).
+    pub pid: ProcessId,
+}
+
+/// Whether the process behind an entry is still there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Live,
+    /// The owning process is gone (crashed, killed) or the mount is no longer connected.
+    Stale,
+}
+
+/// An attachment found in the registry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub state: AttachmentState,
+    pub liveness: Liveness,
+    pub mountpoint: PathBuf,
+}
+
+impl Entry {
+    /// Path of the whole-disk device file.
+    pub fn device(&self) -> PathBuf {
+        self.mountpoint.join(DISK_FILE)
+    }
+}
+
+/// A reserved attachment name, released again unless [`Reservation::keep`] is called.
+pub struct Reservation<'a> {
+    registry: &'a Registry,
+    name: String,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    /// The reserved name, `loopN`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Keeps the entry after this value is dropped: the daemon now owns it.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.registry.remove(&self.name);
+        }
+    }
+}
+
+/// The registry directory.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    root: PathBuf,
+}
+
+impl Registry {
+    /// Opens the registry of the current user, creating its directory when missing.
+    pub fn for_current_user() -> Result<Self, RegistryError> {
+        Self::at(default_root())
+    }
+
+    /// Opens the registry at `root`, creating it (mode 0700) when missing.
+    pub fn at(root: PathBuf) -> Result<Self, RegistryError> {
+        match fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&root)
+        {
+            Ok(()) => {}
+            Err(source) => return Err(RegistryError::CreateRoot { path: root, source }),
+        }
+        check_private(&root)?;
+
+        Ok(Self { root })
+    }
+
+    /// The registry directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Mount point of the attachment `name`.
+    pub fn mountpoint(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Log file of the daemon of `name`.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.log"))
+    }
+
+    fn state_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.json"))
+    }
+
+    /// Reserves the lowest free name and records `state` (with its name filled in) for it,
+    /// creating the mount point.
+    pub fn reserve(&self, mut state: AttachmentState) -> Result<Reservation<'_>, RegistryError> {
+        let _lock = self.lock()?;
+
+        let name = (0u32..)
+            .map(|number| format!("loop{number}"))
+            .find(|name| !self.state_path(name).exists() && !self.mountpoint(name).exists())
+            .expect("an unbounded range always has a free name");
+
+        let mountpoint = self.mountpoint(&name);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&mountpoint)
+            .map_err(|source| RegistryError::Io {
+                path: mountpoint.clone(),
+                source,
+            })?;
+        let reservation = Reservation {
+            registry: self,
+            name: name.clone(),
+            kept: false,
+        };
+
+        state.name = name;
+        self.write_state(&state)?;
+
+        Ok(reservation)
+    }
+
+    /// Writes the state file of `state.name`, replacing it atomically.
+    pub fn write_state(&self, state: &AttachmentState) -> Result<(), RegistryError> {
+        let path = self.state_path(&state.name);
+        let temporary = self.root.join(format!(".{}.json.tmp", state.name));
+        let io_error = |source| RegistryError::Io {
+            path: path.clone(),
+            source,
+        };
+
+        let text = serde_json::to_string_pretty(state)
+            .map_err(io::Error::other)
+            .map_err(io_error)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(io_error)?;
+        file.write_all(text.as_bytes()).map_err(io_error)?;
+        fs::rename(&temporary, &path).map_err(io_error)?;
+
+        Ok(())
+    }
+
+    /// Removes the state, log and mount point of `name`, ignoring parts already gone.
+    ///
+    /// The mount point is only removed when it is an empty directory, so this never touches
+    /// a mounted filesystem.
+    pub fn remove(&self, name: &str) {
+        for path in [self.state_path(name), self.log_path(name)] {
+            if let Err(error) = fs::remove_file(&path)
+                && error.kind() != io::ErrorKind::NotFound
+            {
+                log::warn!("{}: cannot remove: {error}", path.display());
+            }
+        }
+        let _ = fs::remove_dir(self.mountpoint(name));
+    }
+
+    /// Reads every attachment, sorted by number.
+    pub fn list(&self) -> Result<Vec<Entry>, RegistryError> {
+        let read_dir = fs::read_dir(&self.root).map_err(|source| RegistryError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+
+        let mut entries = Vec::new();
+        for dir_entry in read_dir.flatten() {
+            let file_name = dir_entry.file_name();
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            match self.read_entry(name) {
+                Ok(entry) => entries.push(entry),
+                Err(RegistryError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+        }
+
+        entries.sort_by_key(|entry| attachment_number(&entry.state.name));
+        Ok(entries)
+    }
+
+    fn read_entry(&self, name: &str) -> Result<Entry, RegistryError> {
+        let path = self.state_path(name);
+        let mountpoint = self.mountpoint(name);
+        let text = fs::read_to_string(&path).map_err(|source| RegistryError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let state: AttachmentState =
+            serde_json::from_str(&text).map_err(|source| RegistryError::BadState {
+                path,
+                mountpoint: mountpoint.clone(),
+                source,
+            })?;
+
+        let liveness = liveness_of(&state, &mountpoint);
+        Ok(Entry {
+            state,
+            liveness,
+            mountpoint,
+        })
+    }
+
+    /// Finds the attachment named by `query`: a name (`loop0`), its directory, a device file
+    /// inside it (`.../loop0/disk`, `.../loop0/p1`), or the image it serves.
+    pub fn find(&self, query: &str) -> Result<Entry, RegistryError> {
+        let entries = self.list()?;
+        let query_path = std::path::absolute(query).unwrap_or_else(|_| PathBuf::from(query));
+        let canonical_query = fs::canonicalize(query).ok();
+
+        let matches: Vec<Entry> = entries
+            .into_iter()
+            .filter(|entry| {
+                entry.state.name == query
+                    || entry.mountpoint == query_path
+                    || query_path.parent() == Some(entry.mountpoint.as_path())
+                    || entry.state.image == query_path
+                    || canonical_query.as_deref() == Some(entry.state.image.as_path())
+            })
+            .collect();
+
+        match matches.len() {
+            0 => Err(RegistryError::NotFound {
+                query: query.to_string(),
+            }),
+            1 => Ok(matches.into_iter().next().expect("one match")),
+            _ => {
+                let names: Vec<&str> = matches
+                    .iter()
+                    .map(|entry| entry.state.name.as_str())
+                    .collect();
+                Err(RegistryError::Ambiguous {
+                    query: query.to_string(),
+                    names: names.join(", "),
+                })
+            }
+        }
+    }
+
+    fn lock(&self) -> Result<Flock<File>, RegistryError> {
+        let io_error = |source| RegistryError::Io {
+            path: self.root.clone(),
+            source,
+        };
+        let directory = File::open(&self.root).map_err(io_error)?;
+
+        Flock::lock(directory, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_error(io::Error::from(errno)))
+    }
+}
+
+fn attachment_number(name: &str) -> u64 {
+    name.strip_prefix("loop")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// `$XDG_RUNTIME_DIR/loopfuse`, or `$TMPDIR/loopfuse-UID` when the variable is unset.
+fn default_root() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(runtime) if !runtime.is_empty() => PathBuf::from(runtime).join("loopfuse"),
+        _ => std::env::temp_dir().join(format!("loopfuse-{}", nix::unistd::getuid())),
+    }
+}
+
+/// Rejects a registry directory that another user owns or could write to, since its state
+/// files decide what `detach` unmounts.
+fn check_private(root: &Path) -> Result<(), RegistryError> {
+    let metadata = fs::symlink_metadata(root).map_err(|source| RegistryError::Io {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    let owner = metadata.uid();
+    let mode = metadata.permissions().mode() & 0o7777;
+
+    if !metadata.is_dir() || owner != nix::unistd::getuid().as_raw() || mode & 0o022 != 0 {
+        return Err(RegistryError::UnsafeRoot {
+            path: root.to_path_buf(),
+            owner,
+            mode,
+        });
+    }
+    Ok(())
+}
+
+fn liveness_of(state: &AttachmentState, mountpoint: &Path) -> Liveness {
+    if !state.pid.is_running() {
+        return Liveness::Stale;
+    }
+    // A daemon that stopped answering leaves "Transport endpoint is not connected".
+    if state.stage == Stage::Attached
+        && let Err(error) = fs::metadata(mountpoint)
+        && error.raw_os_error() == Some(libc::ENOTCONN)
+    {
+        return Liveness::Stale;
+    }
+    Liveness::Live
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,91 @@
+//! Identifying a process across PID reuse.
+
+use std::fs;
+
+use serde::{Deserialize, Serialize};
+
+/// A process ID together with the process's start time, so that a recycled PID is not
+/// mistaken for the process that registered an attachment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub pid: i32,
+    /// Start time in clock ticks after boot (field 22 of `/proc/PID/stat`).
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    /// The calling process.
+    pub fn current() -> Self {
+        let pid = std::process::id() as i32;
+        Self {
+            pid,
+            start_time: start_time_of(pid).unwrap_or(0),
+        }
+    }
+
+    /// The running process `pid`, or `None` when there is none.
+    pub fn of(pid: i32) -> Option<Self> {
+        start_time_of(pid).map(|start_time| Self { pid, start_time })
+    }
+
+    /// Whether this process is still running (a zombie counts as gone).
+    pub fn is_running(&self) -> bool {
+        match read_stat(self.pid) {
+            Some((state, start_time)) => start_time == self.start_time && state != 'Z',
+            None => false,
+        }
+    }
+}
+
+fn start_time_of(pid: i32) -> Option<u64> {
+    read_stat(pid).map(|(_, start_time)| start_time)
+}
+
+/// Returns the state letter and start time of `pid` from `/proc/PID/stat`.
+fn read_stat(pid: i32) -> Option<(char, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses; fields after it are
+    // separated by single spaces, starting with the state (field 3).
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    let state = fields.first()?.chars().next()?;
+    let start_time = fields.get(22 - 3)?.parse().ok()?;
+
+    Some((state, start_time))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_process_is_running() {
+        let me = ProcessId::current();
+
+        assert!(me.start_time > 0);
+        assert!(me.is_running());
+        assert_eq!(ProcessId::of(me.pid), Some(me));
+    }
+
+    #[test]
+    fn recycled_pid_is_not_running() {
+        let me = ProcessId::current();
+        let impostor = ProcessId {
+            pid: me.pid,
+            start_time: me.start_time + 1,
+        };
+
+        assert!(!impostor.is_running());
+    }
+
+    #[test]
+    fn exited_child_is_not_running() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let id = ProcessId::of(child.id() as i32);
+        child.wait().unwrap();
+
+        if let Some(id) = id {
+            assert!(!id.is_running());
+        }
+    }
+}

@@ -1,0 +1,557 @@
+//! Attach, use and detach real images through real FUSE mounts, driving stock tools
+//! (`mkfs.ext4`, `e2fsck`, `fuse2fs`, `dd`, `fio`) through the device file.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use common::{Sandbox, is_root, pattern, run, run_ok, sha256, wait_until};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn mkfs_ext4_then_e2fsck_is_clean() {
+    let Some(sandbox) = Sandbox::new("mkfs_ext4_then_e2fsck_is_clean", &["mkfs.ext4", "e2fsck"])
+    else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    let device = sandbox.attach([&image]);
+
+    run_ok(
+        "mkfs.ext4",
+        ["-q".as_ref(), "-F".as_ref(), device.as_os_str()],
+    );
+    run_ok("e2fsck", ["-fn".as_ref(), device.as_os_str()]);
+    sandbox.detach(&device);
+
+    run_ok("e2fsck", ["-fn".as_ref(), image.as_os_str()]);
+    sandbox.assert_clean();
+}
+
+#[test]
+fn fuse2fs_files_survive_reattach() {
+    let test = "fuse2fs_files_survive_reattach";
+    let Some(sandbox) = Sandbox::new(test, &["mkfs.ext4", "fuse2fs", "e2fsck"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    let mountpoint = sandbox.path("mnt");
+    fs::create_dir(&mountpoint).unwrap();
+    let content = pattern(300_000, 7);
+
+    let device = sandbox.attach([&image]);
+    run_ok(
+        "mkfs.ext4",
+        ["-q".as_ref(), "-F".as_ref(), device.as_os_str()],
+    );
+    let mount = Fuse2fs::mount(&device, &mountpoint, "rw");
+    fs::create_dir(mountpoint.join("dir")).unwrap();
+    fs::write(mountpoint.join("dir/data.bin"), &content).unwrap();
+    fs::write(mountpoint.join("hello.txt"), "hello\n").unwrap();
+    drop(mount);
+    sandbox.detach(&device);
+
+    let device = sandbox.attach([&image]);
+    let mount = Fuse2fs::mount(&device, &mountpoint, "ro");
+    assert_eq!(fs::read(mountpoint.join("dir/data.bin")).unwrap(), content);
+    assert_eq!(
+        fs::read_to_string(mountpoint.join("hello.txt")).unwrap(),
+        "hello\n"
+    );
+    drop(mount);
+    sandbox.detach(&device);
+
+    run_ok("e2fsck", ["-fn".as_ref(), image.as_os_str()]);
+    sandbox.assert_clean();
+}
+
+/// A `fuse2fs` mount of a device file, unmounted on drop.
+struct Fuse2fs {
+    mountpoint: std::path::PathBuf,
+}
+
+impl Fuse2fs {
+    fn mount(device: &std::path::Path, mountpoint: &std::path::Path, mode: &str) -> Self {
+        // fakeroot lets an unprivileged user create files owned by the filesystem's root.
+        let options = format!("{mode},fakeroot");
+        run_ok(
+            "fuse2fs",
+            [
+                device.as_os_str(),
+                mountpoint.as_os_str(),
+                "-o".as_ref(),
+                options.as_ref(),
+            ],
+        );
+        Self {
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Fuse2fs {
+    fn drop(&mut self) {
+        let output = run("fusermount3", ["-u".as_ref(), self.mountpoint.as_os_str()]);
+        if !output.status.success() {
+            let _ = run(
+                "fusermount3",
+                ["-u".as_ref(), "-z".as_ref(), self.mountpoint.as_os_str()],
+            );
+        }
+    }
+}
+
+#[test]
+fn offset_window_writes_land_in_window() {
+    let Some(sandbox) = Sandbox::new("offset_window_writes_land_in_window", &["dd", "cmp"]) else {
+        return;
+    };
+    let original = pattern(8 * MIB as usize, 1);
+    let image = sandbox.image_with("disk.img", &original);
+    let data = sandbox.image_with("data.bin", &pattern(2 * MIB as usize, 2));
+
+    let device = sandbox.attach([
+        "--offset".as_ref(),
+        "1MiB".as_ref(),
+        "--sizelimit".as_ref(),
+        "2MiB".as_ref(),
+        image.as_os_str(),
+    ]);
+    assert_eq!(fs::metadata(&device).unwrap().len(), 2 * MIB);
+    let input = format!("if={}", data.display());
+    let output = format!("of={}", device.display());
+    run_ok(
+        "dd",
+        [
+            input.as_str(),
+            output.as_str(),
+            "bs=64K",
+            "conv=fsync,notrunc",
+            "status=none",
+        ],
+    );
+
+    // A write past the end of the window fails with ENOSPC and changes nothing.
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+    let error = file.write_at(b"beyond", 2 * MIB).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC));
+    drop(file);
+    sandbox.detach(&device);
+
+    let after = fs::read(&image).unwrap();
+    assert_eq!(after.len(), original.len());
+    assert!(
+        after[..MIB as usize] == original[..MIB as usize],
+        "bytes before the window changed"
+    );
+    assert!(
+        after[MIB as usize..3 * MIB as usize] == fs::read(&data).unwrap()[..],
+        "window bytes differ"
+    );
+    assert!(
+        after[3 * MIB as usize..] == original[3 * MIB as usize..],
+        "bytes after the window changed"
+    );
+    sandbox.assert_clean();
+}
+
+#[test]
+fn device_keeps_block_device_contract() {
+    let Some(sandbox) = Sandbox::new("device_keeps_block_device_contract", &[]) else {
+        return;
+    };
+    let original = pattern(4 * MIB as usize, 3);
+    let image = sandbox.image_with("disk.img", &original);
+    let device = sandbox.attach([&image]);
+
+    // O_TRUNC and truncate(2) succeed and change nothing.
+    drop(
+        OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&device)
+            .unwrap(),
+    );
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&device)
+        .unwrap();
+    file.set_len(0).unwrap();
+    file.set_len(64 * MIB).unwrap();
+    assert_eq!(fs::metadata(&device).unwrap().len(), 4 * MIB);
+
+    // Reads past the end return nothing; SEEK_END is the device size.
+    let mut buf = [0u8; 16];
+    assert_eq!(file.read_at(&mut buf, 4 * MIB).unwrap(), 0);
+    assert_eq!(file.read_at(&mut buf, 4 * MIB - 4).unwrap(), 4);
+    let mut file = file;
+    assert_eq!(file.seek(SeekFrom::End(0)).unwrap(), 4 * MIB);
+
+    // A write crossing the end is cut at the end; one past the end fails with ENOSPC.
+    assert_eq!(file.write_at(b"abcdef", 4 * MIB - 2).unwrap(), 2);
+    let error = file.write_at(b"x", 4 * MIB).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC));
+    file.sync_all().unwrap();
+    drop(file);
+    sandbox.detach(&device);
+
+    let after = fs::read(&image).unwrap();
+    assert_eq!(after.len(), original.len(), "image size changed");
+    assert_eq!(&after[after.len() - 2..], b"ab");
+    assert!(
+        after[..after.len() - 2] == original[..original.len() - 2],
+        "other bytes changed"
+    );
+    sandbox.assert_clean();
+}
+
+#[test]
+fn read_only_attach_refuses_writes_with_erofs() {
+    let Some(sandbox) = Sandbox::new("read_only_attach_refuses_writes_with_erofs", &[]) else {
+        return;
+    };
+    let image = sandbox.image_with("disk.img", &pattern(MIB as usize, 4));
+    let before = sha256(&image);
+    let device = sandbox.attach(["-r".as_ref(), image.as_os_str()]);
+
+    let error = OpenOptions::new().write(true).open(&device).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EROFS));
+    let mut content = Vec::new();
+    fs::File::open(&device)
+        .unwrap()
+        .read_to_end(&mut content)
+        .unwrap();
+    assert!(
+        content == fs::read(&image).unwrap(),
+        "read-only device reads other bytes"
+    );
+    assert_eq!(sandbox.list()[0]["read_only"], true);
+    sandbox.detach(&device);
+
+    assert_eq!(sha256(&image), before);
+    sandbox.assert_clean();
+}
+
+#[test]
+fn fio_verify_with_two_jobs_passes() {
+    let Some(sandbox) = Sandbox::new("fio_verify_with_two_jobs_passes", &["fio"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    let device = sandbox.attach([&image]);
+
+    let filename = format!("--filename={}", device.display());
+    run_ok(
+        "fio",
+        [
+            "--name=verify",
+            filename.as_str(),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=32M",
+            "--offset_increment=32M",
+            "--numjobs=2",
+            "--ioengine=psync",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--do_verify=1",
+        ],
+    );
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
+/// The same seeded fio workload through the kernel loop driver and through loopfuse must
+/// leave byte-identical images.
+#[test]
+fn fio_workload_matches_kernel_loop() {
+    let test = "fio_workload_matches_kernel_loop";
+    if !is_root() || !std::path::Path::new("/dev/loop-control").exists() {
+        eprintln!("SKIP {test}: the kernel loop driver needs root and /dev/loop-control");
+        return;
+    }
+    let Some(sandbox) = Sandbox::new(test, &["fio", "losetup"]) else {
+        return;
+    };
+    let kernel_image = sandbox.sparse_image("kernel.img", 64 * MIB);
+    let fuse_image = sandbox.sparse_image("fuse.img", 64 * MIB);
+
+    let loop_device = run_ok(
+        "losetup",
+        ["-f".as_ref(), "--show".as_ref(), kernel_image.as_os_str()],
+    );
+    let loop_device = LoopDevice(loop_device.trim().to_string());
+    seeded_fio_writes(std::path::Path::new(&loop_device.0));
+    drop(loop_device);
+
+    let device = sandbox.attach([&fuse_image]);
+    seeded_fio_writes(&device);
+    sandbox.detach(&device);
+
+    assert_eq!(sha256(&fuse_image), sha256(&kernel_image));
+    sandbox.assert_clean();
+}
+
+/// A kernel loop device, detached on drop.
+struct LoopDevice(String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = run("losetup", ["-d", self.0.as_str()]);
+    }
+}
+
+fn seeded_fio_writes(target: &std::path::Path) {
+    let filename = format!("--filename={}", target.display());
+    run_ok(
+        "fio",
+        [
+            "--name=oracle",
+            filename.as_str(),
+            "--rw=randrw",
+            "--rwmixwrite=70",
+            "--bsrange=512-64k",
+            "--size=48M",
+            "--io_size=24M",
+            "--randseed=20261204",
+            "--randrepeat=1",
+            "--refill_buffers=1",
+            "--ioengine=psync",
+            "--end_fsync=1",
+        ],
+    );
+}
+
+#[test]
+fn kill_after_fsync_loses_nothing() {
+    let Some(sandbox) = Sandbox::new("kill_after_fsync_loses_nothing", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 16 * MIB);
+    let device = sandbox.attach([&image]);
+    let data = pattern(3 * MIB as usize, 5);
+
+    let mut file = OpenOptions::new().write(true).open(&device).unwrap();
+    file.seek(SeekFrom::Start(5 * MIB)).unwrap();
+    file.write_all(&data).unwrap();
+    file.sync_all().unwrap();
+
+    let pid = sandbox.daemon_pid("loop0");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || sandbox.list()[0]["state"] == "stale"
+    ));
+    drop(file);
+
+    let after = fs::read(&image).unwrap();
+    assert!(
+        after[5 * MIB as usize..8 * MIB as usize] == data[..],
+        "fsynced bytes were lost"
+    );
+
+    // detach cleans the stale attachment: its dead mount and its registry entry.
+    sandbox.detach("loop0");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn sigterm_unmounts_and_flushes() {
+    let Some(sandbox) = Sandbox::new("sigterm_unmounts_and_flushes", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 4 * MIB);
+    let device = sandbox.attach([&image]);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&device)
+        .unwrap()
+        .write_all_at(b"written", 1000)
+        .unwrap();
+
+    let pid = sandbox.daemon_pid("loop0");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+
+    assert!(wait_until(Duration::from_secs(10), || sandbox
+        .list()
+        .is_empty()
+        && sandbox.mounts().is_empty()));
+    assert_eq!(&fs::read(&image).unwrap()[1000..1007], b"written");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn busy_device_is_not_detached() {
+    let Some(sandbox) = Sandbox::new("busy_device_is_not_detached", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 4 * MIB);
+    let device = sandbox.attach([&image]);
+
+    let open_file = fs::File::open(&device).unwrap();
+    let output = sandbox.run(["detach", "loop0"]);
+    assert_eq!(output.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("busy"), "{message}");
+    assert_eq!(sandbox.list()[0]["state"], "attached");
+
+    drop(open_file);
+    sandbox.detach("loop0");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn list_shows_each_attachment() {
+    let Some(sandbox) = Sandbox::new("list_shows_each_attachment", &[]) else {
+        return;
+    };
+    let first = sandbox.sparse_image("a.img", 4 * MIB);
+    let second = sandbox.sparse_image("b.img", 8 * MIB);
+    let first_device = sandbox.attach([&first]);
+    let second_device = sandbox.attach([
+        "-o".as_ref(),
+        "1M".as_ref(),
+        "-r".as_ref(),
+        second.as_os_str(),
+    ]);
+
+    let entries = sandbox.list();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0]["name"], "loop0");
+    assert_eq!(entries[0]["device"], first_device.to_str().unwrap());
+    assert_eq!(entries[0]["image"], first.to_str().unwrap());
+    assert_eq!(entries[0]["size"], 4 * MIB);
+    assert_eq!(entries[1]["name"], "loop1");
+    assert_eq!(entries[1]["offset"], MIB);
+    assert_eq!(entries[1]["size"], 7 * MIB);
+    assert_eq!(entries[1]["read_only"], true);
+    assert_eq!(entries[1]["state"], "attached");
+
+    let table = String::from_utf8(sandbox.run(["list", "--noheadings"]).stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(lines[1].starts_with("loop1 "), "{table}");
+    assert!(
+        lines[1].ends_with(second_device.to_str().unwrap()),
+        "{table}"
+    );
+
+    let output = sandbox.run(["detach", "--all"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    sandbox.assert_clean();
+}
+
+#[test]
+fn full_backing_filesystem_answers_enospc() {
+    let test = "full_backing_filesystem_answers_enospc";
+    if !is_root() {
+        eprintln!("SKIP {test}: mounting a small tmpfs needs root");
+        return;
+    }
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let small = sandbox.path("small");
+    fs::create_dir(&small).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &small,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=8m"),
+    )
+    .unwrap();
+    let _tmpfs = Unmount(small.clone());
+
+    let image = small.join("disk.img");
+    fs::File::create(&image).unwrap().set_len(64 * MIB).unwrap();
+    let device = sandbox.attach([&image]);
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+
+    let chunk = pattern(MIB as usize, 6);
+    let mut written = Vec::new();
+    let mut failure = None;
+    for index in 0..16u64 {
+        match file
+            .write_all_at(&chunk, index * MIB)
+            .and_then(|()| file.sync_data())
+        {
+            Ok(()) => written.push(index),
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+    let failure = failure.expect("writing 16 MiB into an 8 MiB tmpfs must fail");
+    assert_eq!(failure.raw_os_error(), Some(libc::ENOSPC), "{failure}");
+    assert!(!written.is_empty());
+    drop(file);
+
+    // The daemon lives on and every write that succeeded reads back intact.
+    assert_eq!(sandbox.list()[0]["state"], "attached");
+    let reader = fs::File::open(&device).unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    for index in written {
+        reader.read_exact_at(&mut buf, index * MIB).unwrap();
+        assert!(buf == chunk, "chunk {index} differs");
+    }
+    drop(reader);
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
+/// A mount made by a test, lazily unmounted on drop.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn truncated_image_stops_daemon_with_clear_error() {
+    let Some(sandbox) = Sandbox::new("truncated_image_stops_daemon_with_clear_error", &[]) else {
+        return;
+    };
+    let image = sandbox.image_with("disk.img", &pattern(4 * MIB as usize, 8));
+    let device = sandbox.attach([&image]);
+    let log = sandbox.registry().join("loop0.log");
+
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let result = fs::File::open(&device).and_then(|file| file.read_exact_at(&mut buf, 3 * MIB));
+    assert!(result.is_err(), "a read of a truncated part must fail");
+
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || sandbox.list()[0]["state"] == "stale"
+    ));
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("truncated"), "log: {text}");
+    sandbox.detach("loop0");
+    sandbox.assert_clean();
+}

@@ -1,0 +1,329 @@
+//! Shared harness of the integration tests: a private registry and scratch directory per
+//! test, the real `loopfuse` binary, and cleanup that runs even when a test fails.
+//!
+//! A test that needs FUSE or an external tool skips with one line when it is missing, and
+//! fails instead when `LOOPFUSE_REQUIRE_FUSE=1` (as CI sets it).
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether CI demands that every FUSE test really runs.
+pub fn fuse_required() -> bool {
+    std::env::var("LOOPFUSE_REQUIRE_FUSE").is_ok_and(|value| value == "1")
+}
+
+/// Prints one skip line, or fails the test when FUSE tests are required.
+pub fn skip(test: &str, reason: &str) {
+    if fuse_required() {
+        panic!("{test}: cannot run: {reason} (LOOPFUSE_REQUIRE_FUSE=1)");
+    }
+    eprintln!("SKIP {test}: {reason}");
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Whether `program` is on `PATH` (or in the sbin directories, which tools live in).
+pub fn have_tool(program: &str) -> bool {
+    find_tool(program).is_some()
+}
+
+pub fn find_tool(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|directory| directory.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+fn fuse_usable() -> Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+
+    if access("/dev/fuse", AccessFlags::R_OK | AccessFlags::W_OK).is_err() {
+        return Err("/dev/fuse is missing or not readable and writable".to_string());
+    }
+    if !is_root() && !have_tool("fusermount3") {
+        return Err("fusermount3 is not installed".to_string());
+    }
+    Ok(())
+}
+
+/// A scratch directory and private registry for one test.
+///
+/// Dropping it detaches everything attached through it and checks that no mount is left;
+/// a leftover mount is detached lazily so that a failed test never leaks one.
+pub struct Sandbox {
+    pub name: String,
+    directory: tempfile::TempDir,
+}
+
+impl Sandbox {
+    /// Creates a sandbox for `test`, or prints a skip line and returns `None` when FUSE or
+    /// one of `tools` is missing.
+    pub fn new(test: &str, tools: &[&str]) -> Option<Self> {
+        if let Err(reason) = fuse_usable() {
+            skip(test, &reason);
+            return None;
+        }
+        if let Some(missing) = tools.iter().find(|tool| !have_tool(tool)) {
+            skip(test, &format!("{missing} is not installed"));
+            return None;
+        }
+
+        let directory = tempfile::Builder::new()
+            .prefix("loopfuse-test-")
+            .tempdir()
+            .unwrap();
+        fs::set_permissions(directory.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::create_dir(directory.path().join("run")).unwrap();
+        fs::set_permissions(
+            directory.path().join("run"),
+            fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+
+        Some(Self {
+            name: test.to_string(),
+            directory,
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.directory.path().join(name)
+    }
+
+    /// The registry directory used by this sandbox's `loopfuse` commands.
+    pub fn registry(&self) -> PathBuf {
+        self.path("run").join("loopfuse")
+    }
+
+    /// Creates a sparse image of `size` bytes.
+    pub fn sparse_image(&self, name: &str, size: u64) -> PathBuf {
+        let path = self.path(name);
+        fs::File::create(&path).unwrap().set_len(size).unwrap();
+        path
+    }
+
+    /// Creates an image holding `bytes`.
+    pub fn image_with(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.path(name);
+        fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// A `loopfuse` command using this sandbox's registry.
+    pub fn loopfuse<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_loopfuse"));
+        command
+            .args(args)
+            .env("XDG_RUNTIME_DIR", self.path("run"))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `loopfuse` with `args` and returns its output, whatever its status.
+    pub fn run<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.loopfuse(args).output().unwrap()
+    }
+
+    /// Attaches with `args` (the image last) and returns the device path.
+    pub fn attach<I, S>(&self, args: I) -> PathBuf
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = self.loopfuse(["attach"]);
+        command.args(args);
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "attach failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+
+        let device = PathBuf::from(String::from_utf8(output.stdout).unwrap().trim());
+        assert!(
+            device.is_file(),
+            "attach printed {}, which is not a file",
+            device.display()
+        );
+        device
+    }
+
+    /// Detaches `target` and asserts success.
+    pub fn detach(&self, target: impl AsRef<OsStr>) {
+        let output = self
+            .loopfuse(["detach".as_ref(), target.as_ref()])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "detach failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The parsed output of `loopfuse list --json`.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        let output = self.run(["list", "--json"]);
+        assert!(
+            output.status.success(),
+            "list failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        listing["attachments"].as_array().unwrap().clone()
+    }
+
+    /// PID of the daemon serving the attachment `name`.
+    pub fn daemon_pid(&self, name: &str) -> i32 {
+        let entry = self
+            .list()
+            .into_iter()
+            .find(|entry| entry["name"] == name)
+            .unwrap();
+        entry["pid"].as_i64().unwrap() as i32
+    }
+
+    /// FUSE mounts below this sandbox, from `/proc/self/mountinfo`.
+    pub fn mounts(&self) -> Vec<String> {
+        let root = self.directory.path().to_string_lossy().to_string();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|line| {
+                // The filesystem type follows the " - " separator: "fuse" or "fuse.SUBTYPE".
+                let fstype = line
+                    .split(" - ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(' ').next());
+                fstype.is_some_and(|fstype| fstype.starts_with("fuse"))
+            })
+            .filter_map(|line| line.split(' ').nth(4).map(str::to_string))
+            .filter(|mountpoint| mountpoint.starts_with(&root))
+            .collect()
+    }
+
+    /// Asserts that nothing is mounted or registered.
+    pub fn assert_clean(&self) {
+        assert_eq!(self.mounts(), Vec::<String>::new(), "mounts left behind");
+        assert_eq!(
+            self.list(),
+            Vec::<serde_json::Value>::new(),
+            "registry entries left behind"
+        );
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.loopfuse(["detach", "--all"]).output();
+
+        let leftovers = self.mounts();
+        for mountpoint in leftovers.iter().rev() {
+            lazy_unmount(Path::new(mountpoint));
+        }
+        if !leftovers.is_empty() && !std::thread::panicking() {
+            panic!(
+                "{}: mounts were left behind and unmounted lazily: {leftovers:?}",
+                self.name
+            );
+        }
+    }
+}
+
+fn lazy_unmount(mountpoint: &Path) {
+    if is_root() {
+        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    } else {
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z", "--"])
+            .arg(mountpoint)
+            .output();
+    }
+}
+
+/// Runs `program` with `args`, asserting success, and returns its standard output.
+pub fn run_ok<I, S>(program: &str, args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let tool = find_tool(program).unwrap_or_else(|| PathBuf::from(program));
+    let output = Command::new(&tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{program} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs `program` with `args` and returns its output, whatever its status.
+pub fn run<I, S>(program: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let tool = find_tool(program).unwrap_or_else(|| PathBuf::from(program));
+    Command::new(&tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a failing comparison is reproducible.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// SHA-256 of a file, by `sha256sum`.
+pub fn sha256(path: &Path) -> String {
+    run_ok("sha256sum", [path])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Waits until `condition` holds, for at most `timeout`.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}

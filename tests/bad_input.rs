@@ -172,7 +172,7 @@ fn container_formats_are_rejected() {
     }
 
     let compressed = sandbox.image_with("disk.img", &pattern(1 << 20, 4));
-    run("gzip", ["-k".as_ref(), compressed.as_os_str()]);
+    common::run_ok("gzip", ["-k".as_ref(), compressed.as_os_str()]);
     attach_rejected(
         &sandbox,
         &[],
@@ -199,7 +199,8 @@ fn unusable_fuse_device_is_explained() {
     fs::create_dir(&runtime).unwrap();
     nix::unistd::chown(&runtime, Some(65534.into()), Some(65534.into())).unwrap();
     fs::set_permissions(sandbox.path(""), fs::Permissions::from_mode(0o755)).unwrap();
-    let binary = env!("CARGO_BIN_EXE_loopfuse");
+    let binary = common::loopfuse_binary();
+    let binary = binary.display();
 
     // No /dev/fuse at all, as in a container started without '--device /dev/fuse'.
     let script = format!(

@@ -15,7 +15,7 @@ use crate::fs::{DeviceFs, DeviceTable, Owner};
 use crate::image::{Access, Image};
 use crate::registry::{ProcessId, Registry, Stage};
 
-/// How the daemon tells its starter that the device is usable.
+/// Channel through which the daemon reports that the device is usable.
 pub enum Readiness<'a> {
     /// Write `ready` (or `error<TAB>message`) as one line to standard output, a pipe read by
     /// `attach`, then point standard output at `/dev/null`.

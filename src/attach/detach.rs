@@ -14,6 +14,11 @@ use crate::registry::{Entry, Liveness, Registry, RegistryError};
 /// How long `detach` waits for the daemon to flush and exit after the unmount.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long a busy device is retried before `detach` reports it. A program that just
+/// closed the device may still be exiting: `fuse2fs`, for one, closes it only after its own
+/// unmount has returned.
+const BUSY_RETRY: Duration = Duration::from_millis(1500);
+
 /// Errors from detaching.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -101,6 +106,19 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
 }
 
 fn unmount(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
+    let started = Instant::now();
+    loop {
+        match unmount_once(name, mountpoint) {
+            Err(DetachError::Busy { .. }) if started.elapsed() < BUSY_RETRY => {
+                log::debug!("{name}: device busy, retrying the unmount");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn unmount_once(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
     if !is_mounted(mountpoint) {
         // Still starting, or already unmounted: the daemon exits by itself.
         return Ok(());

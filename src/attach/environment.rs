@@ -12,7 +12,7 @@ pub const FUSE_DEVICE: &str = "/dev/fuse";
 /// The setuid helper that mounts FUSE filesystems for unprivileged users.
 pub const FUSERMOUNT: &str = "fusermount3";
 
-/// Why a mount cannot work here.
+/// Reasons a mount cannot work here.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EnvironmentError {

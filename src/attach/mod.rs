@@ -4,7 +4,7 @@
 //! `attach` validates everything it can before anything is created, reserves a name in the
 //! registry, and starts the daemon as a child process (the same executable, hidden `daemon`
 //! subcommand). The daemon mounts, then writes one readiness line to its standard output,
-//! which is a pipe back to `attach`. This module knows nothing of partition formats.
+//! which is a pipe back to `attach`. This module does not depend on partition formats.
 #![forbid(unsafe_code)]
 
 mod daemon;
@@ -148,7 +148,7 @@ pub enum AttachError {
     Timeout { image: PathBuf, log: PathBuf },
 }
 
-/// What a successful attach created.
+/// Names and paths created by a successful attach.
 #[derive(Debug, Clone)]
 pub struct Attached {
     pub name: String,
@@ -160,7 +160,7 @@ pub struct Attached {
 
 /// The device range of an image: `(offset, size)` in bytes.
 ///
-/// The size is rounded down to whole sectors, as the kernel loop driver does; the returned
+/// The size is rounded down to whole sectors, as the kernel loop driver does. The returned
 /// `bool` is true when a partial sector at the end was left out.
 pub fn device_range(
     options: &AttachOptions,
@@ -225,7 +225,8 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
     Ok((offset, size))
 }
 
-/// Names the attachment that holds an image's lock, when the registry knows it.
+/// Replaces a lock conflict with one naming the attachment that holds the lock, when the
+/// registry lists it.
 fn explain_lock_conflict(error: ImageError, registry: &Registry) -> AttachError {
     let ImageError::Locked { path, .. } = &error else {
         return error.into();

@@ -2,7 +2,7 @@
 //!
 //! A [`BlockDevice`] has a fixed length and positional reads and writes. The mapped image
 //! implements it, and [`Window`] exposes a byte range of another device (an `--offset`
-//! attachment or a partition). This module knows nothing of FUSE or the command line.
+//! attachment or a partition). This module does not depend on FUSE or the command line.
 #![forbid(unsafe_code)]
 
 use std::io;
@@ -47,7 +47,7 @@ pub trait BlockDevice: Send + Sync {
     /// Allocates backing storage for a range without changing its contents.
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()>;
 
-    /// Returns the first offset at or after `offset` that holds data, or `ENXIO` when none.
+    /// Returns the first offset at or after `offset` that contains data, or `ENXIO` when none.
     fn seek_data(&self, offset: u64) -> io::Result<u64>;
 
     /// Returns the first offset at or after `offset` in a hole; the end counts as a hole.

@@ -2,7 +2,7 @@
 //! scan, `p1`, `p2`, ...; each file behaves like a loop device and its partitions.
 //!
 //! Handlers translate requests into [`BlockDevice`] calls and map `io::Error` to an errno in
-//! one place ([`errno_of`]). This module knows nothing of how the image is stored.
+//! one place ([`errno_of`]). This module does not depend on how the image is stored.
 #![forbid(unsafe_code)]
 
 mod devices;
@@ -46,7 +46,7 @@ pub struct DeviceFs {
     owner: Owner,
     read_only: bool,
     /// Modification time shown for every file: the image's, fixed at attach time, so the
-    /// kernel never sees a change that would make it drop its cached pages.
+    /// kernel never finds a change that would make it drop its cached pages.
     mtime: SystemTime,
 }
 
@@ -129,7 +129,7 @@ fn errno_of(error: &io::Error) -> Errno {
 fn failed(operation: &str, entry: &DeviceEntry, offset: u64, error: &io::Error) -> Errno {
     let errno = errno_of(error);
     match error.raw_os_error() {
-        // Expected answers of a device: the caller went past the end, or wrote to a
+        // Expected results of a device: the caller went past the end, or wrote to a
         // read-only attachment, or the backing filesystem is full.
         Some(libc::ENOSPC | libc::EROFS | libc::ENXIO | libc::EINVAL | libc::EOPNOTSUPP) => {
             log::debug!("{} {operation} at {offset:#x}: {error}", entry.name)
@@ -362,8 +362,8 @@ impl Filesystem for DeviceFs {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        // ENOSYS tells the kernel that extended attributes are unsupported here, so it
-        // stops asking (security.selinux, security.capability) and answers EOPNOTSUPP itself.
+        // After ENOSYS the kernel treats extended attributes as unsupported: it sends no more
+        // requests (security.selinux, security.capability) and returns EOPNOTSUPP itself.
         reply.error(Errno::ENOSYS);
     }
 

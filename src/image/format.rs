@@ -7,7 +7,7 @@
 /// A container or compression format recognised at the start (or, for VHD, the end) of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForeignFormat {
-    /// Name shown to the user, as `qemu-img info` spells it where it knows the format.
+    /// Name shown to the user, spelled as `qemu-img info` prints it.
     pub name: &'static str,
     /// Whether `qemu-img convert -O raw` can turn the file into a raw image.
     pub convertible_by_qemu: bool,

@@ -1,7 +1,7 @@
 //! The image file: opening and validating it, its lock, the shared mapping, and the
 //! operations that reach the file itself (flush, punch hole, zero range, data/hole lookup).
 //!
-//! This module knows nothing of FUSE, partitions or the command line. It is the only module
+//! This module does not depend on FUSE, partitions or the command line. It is the only module
 //! with `unsafe` code, in [`map`] and [`sigbus`].
 
 mod format;
@@ -59,14 +59,14 @@ pub enum ImageError {
     Map { path: PathBuf, source: io::Error },
 }
 
-/// How an image is opened.
+/// Access mode of an attached image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     ReadWrite,
     ReadOnly,
 }
 
-/// What [`probe`] learns about an image file without locking or mapping it.
+/// Facts about an image file found by [`probe`] without locking or mapping it.
 #[derive(Debug, Clone)]
 pub struct ImageInfo {
     /// The path as given, made absolute.

@@ -1,7 +1,7 @@
 //! Tracking which pages of an image have backing storage reserved.
 //!
-//! Storing into a hole through a shared mapping allocates blocks at page-fault time; when the
-//! backing filesystem is full the fault raises `SIGBUS` instead of returning an error. Before
+//! Storing into a hole through a shared mapping allocates blocks at page-fault time. When the
+//! backing filesystem is full, the fault raises `SIGBUS` instead of returning an error. Before
 //! the first write to a page, the image reserves its blocks with `fallocate` and records the
 //! page here, so a full filesystem shows up as `ENOSPC` on the write request.
 

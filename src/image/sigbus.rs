@@ -3,7 +3,7 @@
 //! Once the image file is truncated by another program (or its storage fails), pages of the
 //! mapping vanish and any copy touching them raises `SIGBUS`. The mapping cannot be trusted
 //! after that, so the handler writes one line naming the image to standard error (the
-//! daemon's log) and ends the process; `loopfuse detach` then cleans up the stale attachment.
+//! daemon's log) and ends the process. `loopfuse detach` then cleans up the stale attachment.
 
 use std::path::Path;
 use std::sync::OnceLock;

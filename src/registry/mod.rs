@@ -4,7 +4,7 @@
 //! under the temporary directory when that variable is unset) holding, for an attachment
 //! named `loopN`: the mount point `loopN/`, the state file `loopN.json` and the daemon's log
 //! `loopN.log`. Names are allocated under an `flock` on the directory, lowest number first.
-//! This module knows nothing of FUSE internals.
+//! This module does not depend on FUSE internals.
 #![forbid(unsafe_code)]
 
 mod process;
@@ -386,7 +386,7 @@ fn liveness_of(state: &AttachmentState, mountpoint: &Path) -> Liveness {
     if !state.pid.is_running() {
         return Liveness::Stale;
     }
-    // A daemon that stopped answering leaves "Transport endpoint is not connected".
+    // A daemon that stopped responding leaves "Transport endpoint is not connected".
     if state.stage == Stage::Attached
         && let Err(error) = fs::metadata(mountpoint)
         && error.raw_os_error() == Some(libc::ENOTCONN)

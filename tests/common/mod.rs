@@ -54,6 +54,14 @@ fn fuse_usable() -> Result<(), String> {
     Ok(())
 }
 
+/// The binary under test: `LOOPFUSE_BIN` when set (scripts/test.sh copies the binary where
+/// an unprivileged user can run it), else the one cargo built.
+pub fn loopfuse_binary() -> PathBuf {
+    std::env::var_os("LOOPFUSE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_loopfuse")))
+}
+
 /// A scratch directory and private registry for one test.
 ///
 /// Dropping it detaches everything attached through it and checks that no mount is left;
@@ -123,7 +131,7 @@ impl Sandbox {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_loopfuse"));
+        let mut command = Command::new(loopfuse_binary());
         command
             .args(args)
             .env("XDG_RUNTIME_DIR", self.path("run"))

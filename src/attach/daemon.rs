@@ -3,12 +3,13 @@
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 
+use super::partitions::PartitionScanner;
 use super::{AttachError, AttachOptions, device_range};
 use crate::block::{BlockDevice, Window};
 use crate::fs::{DeviceFs, DeviceTable, Owner};
@@ -39,7 +40,7 @@ pub(super) fn parse_readiness(line: &str) -> Option<Result<(), String>> {
 }
 
 /// Serves the attachment `name` until it is unmounted or the process receives SIGTERM,
-/// SIGINT or SIGHUP.
+/// SIGINT or SIGHUP. SIGUSR1 rescans the partition table.
 ///
 /// With [`Readiness::Pipe`], a failure before the mount is also written to the pipe.
 pub fn serve(
@@ -68,6 +69,7 @@ pub fn serve(
         mut session,
         disk,
         image,
+        scanner,
     } = session;
 
     match readiness {
@@ -87,12 +89,26 @@ pub fn serve(
     let signal_name = name.to_string();
     let mountpoint = registry.mountpoint(name);
     std::thread::spawn(move || {
-        if let Ok(signal) = signals.wait() {
+        while let Ok(signal) = signals.wait() {
+            if signal == Signal::SIGUSR1 {
+                match &scanner {
+                    Some(scanner) => {
+                        log::info!("{signal_name}: rescan requested");
+                        scanner.rescan();
+                    }
+                    None => {
+                        log::warn!("{signal_name}: rescan ignored: attached without --partscan")
+                    }
+                }
+                continue;
+            }
+
             log::info!("{signal_name}: {signal} received, unmounting");
             if let Err(error) = unmounter.unmount() {
                 log::warn!("{signal_name}: unmount failed ({error}); detaching lazily");
                 let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
             }
+            break;
         }
     });
 
@@ -115,11 +131,18 @@ struct Mounted {
     session: fuser::Session<DeviceFs>,
     disk: Arc<dyn BlockDevice>,
     image: std::path::PathBuf,
+    /// Present when the attachment exposes partitions.
+    scanner: Option<Arc<PartitionScanner>>,
 }
 
 fn stop_signals() -> SigSet {
     let mut signals = SigSet::empty();
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
         signals.add(signal);
     }
     signals
@@ -149,7 +172,30 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
     };
 
     let devices = Arc::new(DeviceTable::new(disk.clone()));
-    let filesystem = DeviceFs::new(devices, current_owner(), image_mtime(&image_path));
+    let notifier = Arc::new(OnceLock::new());
+    let mut filesystem = DeviceFs::new(
+        devices.clone(),
+        notifier.clone(),
+        current_owner(),
+        image_mtime(&image_path),
+    );
+
+    let scanner = options.partscan.then(|| {
+        Arc::new(PartitionScanner::new(
+            name,
+            disk.clone(),
+            devices,
+            notifier.clone(),
+            registry.clone(),
+            options.sector_size,
+        ))
+    });
+    if let Some(scanner) = &scanner {
+        scanner.rescan();
+        let on_close = scanner.clone();
+        filesystem = filesystem.on_disk_changed(Box::new(move || on_close.rescan()));
+    }
+
     let mountpoint = registry.mountpoint(name);
     let session = fuser::Session::new(filesystem, &mountpoint, &session_config(options)).map_err(
         |source| AttachError::Mount {
@@ -159,12 +205,14 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
         },
     )?;
 
+    let _ = notifier.set(session.notifier());
     record_attached(registry, name)?;
 
     Ok(Mounted {
         session,
         disk,
         image: image_path,
+        scanner,
     })
 }
 

@@ -10,6 +10,7 @@
 mod daemon;
 mod detach;
 pub mod environment;
+mod partitions;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::OpenOptionsExt;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use daemon::{Readiness, serve};
 pub use detach::{DetachError, detach, detach_all};
 pub use environment::EnvironmentError;
+pub use partitions::{RescanError, rescan};
 
 use crate::image::{self, Access, ImageError};
 use crate::registry::{AttachmentState, ProcessId, Registry, RegistryError, Stage};
@@ -258,6 +260,9 @@ fn initial_state(options: &AttachOptions, offset: u64, size: u64) -> AttachmentS
         partscan: options.partscan,
         sector_size: options.sector_size,
         pid: ProcessId::current(),
+        partition_table: None,
+        partitions: Vec::new(),
+        scans: 0,
     }
 }
 

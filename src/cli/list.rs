@@ -18,6 +18,22 @@ struct ListedAttachment<'a> {
     sector_size: u32,
     pid: i32,
     state: &'static str,
+    /// "MBR", "GPT", or null when no table was found or partitions are not scanned.
+    partition_table: Option<&'a str>,
+    partitions: Vec<ListedPartition>,
+}
+
+/// One partition as `list --json` prints it.
+#[derive(Debug, Serialize)]
+struct ListedPartition {
+    number: u32,
+    device: String,
+    /// Offset inside the disk device, in bytes.
+    start: u64,
+    size: u64,
+    #[serde(rename = "type")]
+    type_name: String,
+    label: Option<String>,
 }
 
 fn state_of(entry: &Entry) -> &'static str {
@@ -41,6 +57,24 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
         sector_size: entry.state.sector_size,
         pid: entry.state.pid.pid,
         state: state_of(entry),
+        partition_table: entry.state.partition_table.as_deref(),
+        partitions: entry
+            .state
+            .partitions
+            .iter()
+            .map(|partition| ListedPartition {
+                number: partition.number,
+                device: entry
+                    .mountpoint
+                    .join(format!("p{}", partition.number))
+                    .display()
+                    .to_string(),
+                start: partition.start,
+                size: partition.size,
+                type_name: partition.type_name.clone(),
+                label: partition.label.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -57,9 +91,11 @@ pub fn to_json(entries: &[Entry]) -> Result<String, serde_json::Error> {
     Ok(serde_json::to_string_pretty(&listing)? + "\n")
 }
 
-/// Column headings of the table, in order.
-const COLUMNS: [&str; 8] = [
-    "NAME", "SIZE", "OFFSET", "RO", "PID", "STATE", "IMAGE", "DEVICE",
+/// Column headings of the table, in order. Partition rows are named `loopNpM`; their OFFSET is
+/// the partition's start inside the image, and TYPE is the partition type (the table type,
+/// MBR or GPT, on the disk row).
+const COLUMNS: [&str; 9] = [
+    "NAME", "SIZE", "OFFSET", "RO", "PID", "STATE", "TYPE", "IMAGE", "DEVICE",
 ];
 
 /// Renders `entries` as a table with aligned columns; the last column is not padded.
@@ -77,9 +113,23 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
             u8::from(item.read_only).to_string(),
             item.pid.to_string(),
             item.state.to_string(),
-            item.image,
-            item.device,
+            item.partition_table.unwrap_or("-").to_string(),
+            item.image.clone(),
+            item.device.clone(),
         ]);
+        for partition in &item.partitions {
+            rows.push(vec![
+                format!("{}p{}", item.name, partition.number),
+                partition.size.to_string(),
+                (item.offset + partition.start).to_string(),
+                u8::from(item.read_only).to_string(),
+                item.pid.to_string(),
+                "partition".to_string(),
+                partition.type_name.clone(),
+                item.image.clone(),
+                partition.device.clone(),
+            ]);
+        }
     }
 
     let mut widths = [0usize; COLUMNS.len()];

@@ -35,9 +35,11 @@ pub enum Command {
     Attach(AttachArgs),
     /// Detach attachments: unmount, flush the image and stop the daemon.
     Detach(DetachArgs),
-    /// List attachments.
+    /// List attachments and their partitions.
     #[command(visible_alias = "ls")]
     List(ListArgs),
+    /// Re-read the partition table of an attachment made with --partscan.
+    Rescan(RescanArgs),
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
     Daemon(DaemonArgs),
@@ -126,6 +128,12 @@ pub struct ListArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RescanArgs {
+    /// The attachment: a name (loop0), a device file, its directory, or the image.
+    pub target: String,
+}
+
+#[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// Name reserved by 'attach'.
     #[arg(long)]
@@ -150,6 +158,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Attach(args) => run_attach(&args),
         Command::Detach(args) => run_detach(&args),
         Command::List(args) => run_list(&args),
+        Command::Rescan(args) => run_rescan(&args),
         Command::Daemon(args) => run_daemon(&args),
     };
 
@@ -218,6 +227,12 @@ fn run_list(args: &ListArgs) -> CommandResult {
         list::to_table(&entries, !args.noheadings)
     };
     print!("{output}");
+    Ok(())
+}
+
+fn run_rescan(args: &RescanArgs) -> CommandResult {
+    let registry = Registry::for_current_user()?;
+    attach::rescan(&registry, &args.target)?;
     Ok(())
 }
 

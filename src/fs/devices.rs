@@ -5,7 +5,7 @@
 //! already open file reads or writes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::block::BlockDevice;
@@ -28,10 +28,51 @@ pub struct DeviceEntry {
     pub disk_offset: u64,
 }
 
+/// An open file: the device it was opened on and the byte range written through it since
+/// the last flush, kept as `start..end` in two atomics so writers do not take a lock.
+pub struct OpenFile {
+    pub entry: DeviceEntry,
+    written_start: AtomicU64,
+    written_end: AtomicU64,
+    /// Set by every write and cleared by [`OpenFile::take_changed`], which runs on close.
+    changed_since_close: AtomicBool,
+}
+
+impl OpenFile {
+    fn new(entry: DeviceEntry) -> Self {
+        Self {
+            entry,
+            written_start: AtomicU64::new(u64::MAX),
+            written_end: AtomicU64::new(0),
+            changed_since_close: AtomicBool::new(false),
+        }
+    }
+
+    /// Records that `len` bytes at `offset` were written through this file.
+    pub fn record_write(&self, offset: u64, len: u64) {
+        self.written_start.fetch_min(offset, Ordering::Relaxed);
+        self.written_end
+            .fetch_max(offset.saturating_add(len), Ordering::Relaxed);
+        self.changed_since_close.store(true, Ordering::Relaxed);
+    }
+
+    /// Returns whether anything was written since the last call.
+    pub fn take_changed(&self) -> bool {
+        self.changed_since_close.swap(false, Ordering::Relaxed)
+    }
+
+    /// Takes the range written since the last call, in device offsets.
+    pub fn take_written(&self) -> Option<(u64, u64)> {
+        let start = self.written_start.swap(u64::MAX, Ordering::Relaxed);
+        let end = self.written_end.swap(0, Ordering::Relaxed);
+        (start < end).then_some((start, end))
+    }
+}
+
 /// Device files of an attachment and the handles of their open files.
 pub struct DeviceTable {
     entries: RwLock<Vec<DeviceEntry>>,
-    handles: RwLock<HashMap<u64, DeviceEntry>>,
+    handles: RwLock<HashMap<u64, Arc<OpenFile>>>,
     next_handle: AtomicU64,
     next_inode: AtomicU64,
 }
@@ -57,6 +98,17 @@ impl DeviceTable {
     /// The whole-disk device.
     pub fn disk(&self) -> Arc<dyn BlockDevice> {
         self.read_entries()[0].device.clone()
+    }
+
+    /// Returns the `(number, disk offset, length)` of each partition file.
+    pub fn partition_layout(&self) -> Vec<(u32, u64, u64)> {
+        self.read_entries()[1..]
+            .iter()
+            .filter_map(|entry| {
+                let number = entry.name.strip_prefix('p')?.parse().ok()?;
+                Some((number, entry.disk_offset, entry.device.len()))
+            })
+            .collect()
     }
 
     /// Replaces the partition files with `partitions`, given as `(number, disk offset, device)`.
@@ -110,15 +162,13 @@ impl DeviceTable {
     /// Registers an open file of `entry` and returns its handle.
     pub fn open(&self, entry: DeviceEntry) -> u64 {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(handle, entry);
+        let file = Arc::new(OpenFile::new(entry));
+        self.write_handles().insert(handle, file);
         handle
     }
 
-    /// Returns the device file that `handle` was opened on.
-    pub fn handle(&self, handle: u64) -> Option<DeviceEntry> {
+    /// Returns the open file behind `handle`.
+    pub fn handle(&self, handle: u64) -> Option<Arc<OpenFile>> {
         self.handles
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -126,12 +176,15 @@ impl DeviceTable {
             .cloned()
     }
 
-    /// Forgets an open file's handle.
-    pub fn release(&self, handle: u64) {
+    /// Forgets an open file's handle and returns it.
+    pub fn release(&self, handle: u64) -> Option<Arc<OpenFile>> {
+        self.write_handles().remove(&handle)
+    }
+
+    fn write_handles(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<u64, Arc<OpenFile>>> {
         self.handles
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&handle);
     }
 
     /// Number of files currently open.

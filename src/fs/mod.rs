@@ -10,18 +10,18 @@ mod devices;
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    WriteFlags,
+    KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, WriteFlags,
 };
 
 use crate::block::BlockDevice;
-pub use devices::{DISK_INODE, DISK_NAME, DeviceEntry, DeviceTable, ROOT_INODE};
+pub use devices::{DISK_INODE, DISK_NAME, DeviceEntry, DeviceTable, OpenFile, ROOT_INODE};
 
 /// How long the kernel may cache attributes and names. The size and times of a device file
 /// never change while attached, so only `st_blocks` can be up to this much out of date.
@@ -40,9 +40,16 @@ pub struct Owner {
     pub gid: u32,
 }
 
+/// Called after data was written through `disk` and the writer closed it, so that a new
+/// partition table becomes visible the way udev's watch on a block device makes it.
+pub type DiskChanged = Box<dyn Fn() + Send + Sync>;
+
 /// The filesystem served for one attachment.
 pub struct DeviceFs {
     devices: Arc<DeviceTable>,
+    /// Sends cache invalidations to the kernel; set once the session is mounted.
+    notifier: Arc<OnceLock<Notifier>>,
+    on_disk_changed: Option<DiskChanged>,
     owner: Owner,
     read_only: bool,
     /// Modification time shown for every file: the image's, fixed at attach time, so the
@@ -56,14 +63,61 @@ thread_local! {
 }
 
 impl DeviceFs {
-    /// Creates the filesystem for `devices`.
-    pub fn new(devices: Arc<DeviceTable>, owner: Owner, mtime: SystemTime) -> Self {
+    /// Creates the filesystem for `devices`. `notifier` is filled in by the caller once the
+    /// session exists; until then no invalidation is sent.
+    pub fn new(
+        devices: Arc<DeviceTable>,
+        notifier: Arc<OnceLock<Notifier>>,
+        owner: Owner,
+        mtime: SystemTime,
+    ) -> Self {
         let read_only = devices.disk().read_only();
         Self {
             devices,
+            notifier,
+            on_disk_changed: None,
             owner,
             read_only,
             mtime,
+        }
+    }
+
+    /// Sets the function called when a writer of `disk` closes it after writing.
+    pub fn on_disk_changed(mut self, callback: DiskChanged) -> Self {
+        self.on_disk_changed = Some(callback);
+        self
+    }
+
+    /// Drops the kernel's cached pages of the other device files that overlap the range
+    /// written through `file`, so that a write through `p1` is seen through `disk` (and the
+    /// other way round) once the writer has called `fsync` or closed the file.
+    fn invalidate_other_views(&self, file: &OpenFile) {
+        let Some((start, end)) = file.take_written() else {
+            return;
+        };
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        let written_start = file.entry.disk_offset + start;
+        let written_end = file.entry.disk_offset + end;
+
+        for other in self.devices.entries() {
+            if other.inode == file.entry.inode {
+                continue;
+            }
+            let overlap_start = written_start.max(other.disk_offset);
+            let overlap_end = written_end.min(other.disk_offset + other.device.len());
+            if overlap_start >= overlap_end {
+                continue;
+            }
+            let offset = (overlap_start - other.disk_offset) as i64;
+            let len = (overlap_end - overlap_start) as i64;
+            // ENOENT only means the kernel has no cached inode for that file.
+            if let Err(error) = notifier.inval_inode(INodeNo(other.inode), offset, len)
+                && error.raw_os_error() != Some(libc::ENOENT)
+            {
+                log::warn!("{}: cannot invalidate cached pages: {error}", other.name);
+            }
         }
     }
 
@@ -112,7 +166,7 @@ impl DeviceFs {
             .map(|entry| self.device_attr(&entry))
     }
 
-    fn opened_device(&self, handle: FileHandle) -> Result<DeviceEntry, Errno> {
+    fn opened_file(&self, handle: FileHandle) -> Result<Arc<OpenFile>, Errno> {
         self.devices.handle(u64::from(handle)).ok_or(Errno::EBADF)
     }
 }
@@ -172,7 +226,7 @@ impl Filesystem for DeviceFs {
     ) {
         // An open file keeps the device it opened, even after a rescan replaced its entry.
         let attr = match handle.and_then(|handle| self.devices.handle(u64::from(handle))) {
-            Some(entry) => Some(self.device_attr(&entry)),
+            Some(file) => Some(self.device_attr(&file.entry)),
             None => self.attr_of(u64::from(inode)),
         };
 
@@ -242,10 +296,11 @@ impl Filesystem for DeviceFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let entry = match self.opened_device(handle) {
-            Ok(entry) => entry,
+        let file = match self.opened_file(handle) {
+            Ok(file) => file,
             Err(errno) => return reply.error(errno),
         };
+        let entry = &file.entry;
 
         READ_BUFFER.with_borrow_mut(|buffer| {
             if buffer.len() < size as usize {
@@ -253,7 +308,7 @@ impl Filesystem for DeviceFs {
             }
             match entry.device.read_at(offset, &mut buffer[..size as usize]) {
                 Ok(count) => reply.data(&buffer[..count]),
-                Err(error) => reply.error(failed("read", &entry, offset, &error)),
+                Err(error) => reply.error(failed("read", entry, offset, &error)),
             }
         });
     }
@@ -270,25 +325,41 @@ impl Filesystem for DeviceFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let entry = match self.opened_device(handle) {
-            Ok(entry) => entry,
+        let file = match self.opened_file(handle) {
+            Ok(file) => file,
             Err(errno) => return reply.error(errno),
         };
 
-        match entry.device.write_at(offset, data) {
-            Ok(count) => reply.written(count as u32),
-            Err(error) => reply.error(failed("write", &entry, offset, &error)),
+        match file.entry.device.write_at(offset, data) {
+            Ok(count) => {
+                file.record_write(offset, count as u64);
+                reply.written(count as u32)
+            }
+            Err(error) => reply.error(failed("write", &file.entry, offset, &error)),
         }
     }
 
+    /// Runs on every `close()` of a file, before `close` returns to the caller.
     fn flush(
         &self,
         _request: &Request,
         _inode: INodeNo,
-        _handle: FileHandle,
+        handle: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let file = match self.opened_file(handle) {
+            Ok(file) => file,
+            Err(errno) => return reply.error(errno),
+        };
+
+        self.invalidate_other_views(&file);
+        if file.take_changed()
+            && file.entry.inode == DISK_INODE
+            && let Some(on_disk_changed) = &self.on_disk_changed
+        {
+            on_disk_changed();
+        }
         reply.ok();
     }
 
@@ -302,7 +373,9 @@ impl Filesystem for DeviceFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.devices.release(u64::from(handle));
+        if let Some(file) = self.devices.release(u64::from(handle)) {
+            self.invalidate_other_views(&file);
+        }
         reply.ok();
     }
 
@@ -314,14 +387,15 @@ impl Filesystem for DeviceFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let entry = match self.opened_device(handle) {
-            Ok(entry) => entry,
+        let file = match self.opened_file(handle) {
+            Ok(file) => file,
             Err(errno) => return reply.error(errno),
         };
 
-        match entry.device.flush() {
+        self.invalidate_other_views(&file);
+        match file.entry.device.flush() {
             Ok(()) => reply.ok(),
-            Err(error) => reply.error(failed("fsync", &entry, 0, &error)),
+            Err(error) => reply.error(failed("fsync", &file.entry, 0, &error)),
         }
     }
 
@@ -387,14 +461,17 @@ impl Filesystem for DeviceFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let entry = match self.opened_device(handle) {
-            Ok(entry) => entry,
+        let file = match self.opened_file(handle) {
+            Ok(file) => file,
             Err(errno) => return reply.error(errno),
         };
 
-        match fallocate_device(entry.device.as_ref(), offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(error) => reply.error(failed("fallocate", &entry, offset, &error)),
+        match fallocate_device(file.entry.device.as_ref(), offset, length, mode) {
+            Ok(()) => {
+                file.record_write(offset, length);
+                reply.ok()
+            }
+            Err(error) => reply.error(failed("fallocate", &file.entry, offset, &error)),
         }
     }
 
@@ -407,10 +484,11 @@ impl Filesystem for DeviceFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let entry = match self.opened_device(handle) {
-            Ok(entry) => entry,
+        let file = match self.opened_file(handle) {
+            Ok(file) => file,
             Err(errno) => return reply.error(errno),
         };
+        let entry = &file.entry;
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(Errno::EINVAL);
         };
@@ -422,7 +500,7 @@ impl Filesystem for DeviceFs {
         };
         match found {
             Ok(found) => reply.offset(found as i64),
-            Err(error) => reply.error(failed("lseek", &entry, offset, &error)),
+            Err(error) => reply.error(failed("lseek", entry, offset, &error)),
         }
     }
 }

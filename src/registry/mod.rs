@@ -82,6 +82,29 @@ pub struct AttachmentState {
     pub sector_size: u32,
     /// Process that owns the entry (see [`Stage`]).
     pub pid: ProcessId,
+    /// Partition table found by the last scan: "MBR", "GPT", or `None`.
+    #[serde(default)]
+    pub partition_table: Option<String>,
+    /// Partitions exposed as `p1`, `p2`, ... by the last scan.
+    #[serde(default)]
+    pub partitions: Vec<PartitionState>,
+    /// Number of partition scans done so far; `rescan` waits for it to grow.
+    #[serde(default)]
+    pub scans: u64,
+}
+
+/// A partition as recorded in the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionState {
+    pub number: u32,
+    /// Offset of the partition inside the device, in bytes.
+    pub start: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Partition type: `0x83` style for MBR, the type GUID for GPT.
+    pub type_name: String,
+    /// GPT partition name.
+    pub label: Option<String>,
 }
 
 /// Whether the process behind an entry is still there.

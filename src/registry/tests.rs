@@ -12,6 +12,9 @@ fn state(image: &str) -> AttachmentState {
         partscan: false,
         sector_size: 512,
         pid: ProcessId::current(),
+        partition_table: None,
+        partitions: Vec::new(),
+        scans: 0,
     }
 }
 

@@ -560,3 +560,46 @@ fn truncated_image_gives_clear_error() {
     sandbox.detach("loop0");
     sandbox.assert_clean();
 }
+
+/// Every cache mode leaves the same bytes as the same seeded workload on a plain file.
+#[test]
+fn cache_modes_write_identical_bytes() {
+    let Some(sandbox) = Sandbox::new("cache_modes_write_identical_bytes", &["fio"]) else {
+        return;
+    };
+    let reference = sandbox.sparse_image("reference.img", 64 * MIB);
+    seeded_fio_writes(&reference);
+    let expected = sha256(&reference);
+
+    for mode in ["writethrough", "writeback", "none"] {
+        let image = sandbox.sparse_image(&format!("{mode}.img"), 64 * MIB);
+        let device = sandbox.attach(["--cache".as_ref(), mode.as_ref(), image.as_os_str()]);
+        seeded_fio_writes(&device);
+        sandbox.detach(&device);
+        assert_eq!(sha256(&image), expected, "cache mode {mode}");
+    }
+    sandbox.assert_clean();
+}
+
+/// With write-back caching a write past the end is only reported by fsync, and nothing
+/// past the end reaches the image.
+#[test]
+fn writeback_reports_overflow_at_fsync() {
+    let Some(sandbox) = Sandbox::new("writeback_reports_overflow_at_fsync", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 4 * MIB);
+    let device = sandbox.attach(["--cache".as_ref(), "writeback".as_ref(), image.as_os_str()]);
+
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+    file.write_all_at(b"inside", 0).unwrap();
+    let _ = file.write_at(b"outside", 4 * MIB);
+    let error = file.sync_all().unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{error}");
+    drop(file);
+    sandbox.detach(&device);
+
+    assert_eq!(fs::metadata(&image).unwrap().len(), 4 * MIB);
+    assert_eq!(&fs::read(&image).unwrap()[..6], b"inside");
+    sandbox.assert_clean();
+}

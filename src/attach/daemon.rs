@@ -178,7 +178,8 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
         notifier.clone(),
         current_owner(),
         image_mtime(&image_path),
-    );
+    )
+    .with_cache(options.cache);
 
     let scanner = options.partscan.then(|| {
         Arc::new(PartitionScanner::new(

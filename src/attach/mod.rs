@@ -23,6 +23,7 @@ pub use detach::{DetachError, detach, detach_all};
 pub use environment::EnvironmentError;
 pub use partitions::{RescanError, rescan};
 
+use crate::fs::CacheMode;
 use crate::image::{self, Access, ImageError};
 use crate::registry::{AttachmentState, ProcessId, Registry, RegistryError, Stage};
 
@@ -50,6 +51,8 @@ pub struct AttachOptions {
     pub sector_size: u32,
     /// Whether users other than the attaching one may open the device files.
     pub allow_other: bool,
+    /// How the kernel caches the device files' data.
+    pub cache: CacheMode,
 }
 
 impl AttachOptions {
@@ -63,6 +66,7 @@ impl AttachOptions {
             partscan: false,
             sector_size: 512,
             allow_other: false,
+            cache: CacheMode::default(),
         }
     }
 
@@ -399,6 +403,7 @@ fn daemon_arguments(options: &AttachOptions) -> Vec<String> {
             arguments.push(flag.to_string());
         }
     }
+    arguments.extend(["--cache".to_string(), options.cache.to_string()]);
     arguments.push("--".to_string());
     arguments.push(options.image.to_string_lossy().into_owned());
     arguments

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::attach::{self, AttachOptions, SECTOR_SIZES};
+use crate::fs::CacheMode;
 use crate::registry::Registry;
 pub use size::parse_size;
 
@@ -68,6 +69,13 @@ pub struct DeviceArgs {
     #[arg(short = 'b', long, value_name = "SIZE", value_parser = parse_sector_size, default_value = "512")]
     pub sector_size: u32,
 
+    /// How the kernel caches the device's data: writethrough (reads cached, every write
+    /// reaches the image before write() returns), writeback (writes cached too: much faster
+    /// small writes, but writes past the end or into a full filesystem fail only at fsync
+    /// or close), or none (nothing cached).
+    #[arg(long, value_name = "MODE", value_parser = parse_cache_mode, default_value = "writethrough")]
+    pub cache: CacheMode,
+
     /// Let other users open the device files (needs 'user_allow_other' in /etc/fuse.conf
     /// for unprivileged users).
     #[arg(long)]
@@ -87,6 +95,7 @@ impl DeviceArgs {
             partscan: self.partscan,
             sector_size: self.sector_size,
             allow_other: self.allow_other,
+            cache: self.cache,
         }
     }
 }
@@ -141,6 +150,17 @@ pub struct DaemonArgs {
 
     #[command(flatten)]
     pub device: DeviceArgs,
+}
+
+fn parse_cache_mode(text: &str) -> Result<CacheMode, String> {
+    match text {
+        "writethrough" => Ok(CacheMode::Writethrough),
+        "writeback" => Ok(CacheMode::Writeback),
+        "none" => Ok(CacheMode::None),
+        _ => Err(format!(
+            "invalid cache mode '{text}': use writethrough, writeback or none"
+        )),
+    }
 }
 
 fn parse_sector_size(text: &str) -> Result<u32, String> {

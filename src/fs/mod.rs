@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, WriteFlags,
@@ -44,9 +44,39 @@ pub struct Owner {
 /// partition table becomes visible the way udev's watch on a block device makes it.
 pub type DiskChanged = Box<dyn Fn() + Send + Sync>;
 
+/// How the kernel caches the data of the device files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Reads are cached by the kernel; every write reaches the image before `write`
+    /// returns. Writes past the end fail with `ENOSPC` and a full backing filesystem fails
+    /// the write itself, exactly as with a block device.
+    #[default]
+    Writethrough,
+    /// Writes are also cached and reach the image in large batches, on `fsync`, `close`
+    /// or when the kernel writes back dirty pages. Small random writes are several times
+    /// faster, but a write past the end or into a full backing filesystem only fails at
+    /// `fsync` or `close`, and the kernel's idea of the file size grows with such writes.
+    Writeback,
+    /// Nothing is cached: every read and write is a request to the daemon (`direct_io`).
+    /// Uses no page cache for the device files, at the cost of speed.
+    None,
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            CacheMode::Writethrough => "writethrough",
+            CacheMode::Writeback => "writeback",
+            CacheMode::None => "none",
+        })
+    }
+}
+
 /// The filesystem served for one attachment.
 pub struct DeviceFs {
     devices: Arc<DeviceTable>,
+    cache: CacheMode,
     /// Sends cache invalidations to the kernel; set once the session is mounted.
     notifier: Arc<OnceLock<Notifier>>,
     on_disk_changed: Option<DiskChanged>,
@@ -74,12 +104,19 @@ impl DeviceFs {
         let read_only = devices.disk().read_only();
         Self {
             devices,
+            cache: CacheMode::default(),
             notifier,
             on_disk_changed: None,
             owner,
             read_only,
             mtime,
         }
+    }
+
+    /// Sets how the kernel caches the device files' data.
+    pub fn with_cache(mut self, cache: CacheMode) -> Self {
+        self.cache = cache;
+        self
     }
 
     /// Sets the function called when a writer of `disk` closes it after writing.
@@ -171,6 +208,15 @@ impl DeviceFs {
     }
 }
 
+/// Pending background requests (readahead, asynchronous direct I/O) the kernel may queue.
+const MAX_BACKGROUND: u16 = 64;
+
+fn request_capability(config: &mut KernelConfig, capability: InitFlags) {
+    if let Err(unsupported) = config.add_capabilities(capability) {
+        log::warn!("the kernel does not support {unsupported:?}; continuing without it");
+    }
+}
+
 /// Maps an I/O error to the errno sent to the kernel.
 fn errno_of(error: &io::Error) -> Errno {
     match error.raw_os_error() {
@@ -201,6 +247,13 @@ impl Filesystem for DeviceFs {
         if let Err(nearest) = config.set_max_readahead(MAX_REQUEST) {
             let _ = config.set_max_readahead(nearest);
         }
+        // Lets the kernel keep several direct I/O requests of one caller in flight at once.
+        request_capability(config, InitFlags::FUSE_ASYNC_DIO);
+        if self.cache == CacheMode::Writeback {
+            request_capability(config, InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        // Room for readahead and asynchronous direct I/O requests in flight (kernel default 12).
+        let _ = config.set_max_background(MAX_BACKGROUND);
         log::debug!("kernel FUSE protocol {:?}", config.kernel_abi());
         Ok(())
     }
@@ -280,9 +333,15 @@ impl Filesystem for DeviceFs {
 
         log::debug!("open {} flags {:#x}", entry.name, flags.0);
         let handle = self.devices.open(entry);
-        // Every change to the data goes through this filesystem, so the kernel may keep its
-        // cached pages of the file from one open to the next.
-        reply.opened(FileHandle(handle), FopenFlags::FOPEN_KEEP_CACHE);
+        let open_flags = match self.cache {
+            // Every change to the data goes through this filesystem, so the kernel may keep
+            // its cached pages of the file from one open to the next.
+            CacheMode::Writethrough | CacheMode::Writeback => FopenFlags::FOPEN_KEEP_CACHE,
+            CacheMode::None => {
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+            }
+        };
+        reply.opened(FileHandle(handle), open_flags);
     }
 
     fn read(

@@ -54,12 +54,13 @@ RSS_IMAGE_GIB=100
 # mkfs.ext4 -d copies this tree into the new filesystem.
 MKFS_SOURCE_DIR=/usr/include
 
-TARGETS=(raw loop qsd loopfuse loopfuse-offset loopfuse-p1)
+TARGETS=(raw loop qsd loopfuse loopfuse-writeback loopfuse-offset loopfuse-p1)
 declare -A TARGET_LABEL=(
   [raw]="raw image file"
   [loop]="kernel loop (losetup)"
   [qsd]="qemu-storage-daemon FUSE export"
   [loopfuse]="loopfuse"
+  [loopfuse-writeback]="loopfuse --cache writeback"
   [loopfuse-offset]="loopfuse --offset 1MiB"
   [loopfuse-p1]="loopfuse -P, partition p1"
 )
@@ -241,6 +242,7 @@ target_setup_text() {
     loop) echo "losetup -f --show IMAGE (buffered, no direct I/O); detach with losetup -d" ;;
     qsd) echo "qemu-storage-daemon --blockdev driver=file,node-name=file0,filename=IMAGE --blockdev driver=raw,node-name=raw0,file=file0 --export type=fuse,id=exp0,node-name=raw0,mountpoint=MNTFILE,writable=on; stopped with SIGTERM" ;;
     loopfuse) echo "loopfuse attach IMAGE; loopfuse detach DEVICE" ;;
+    loopfuse-writeback) echo "loopfuse attach --cache writeback IMAGE; loopfuse detach DEVICE" ;;
     loopfuse-offset) echo "loopfuse attach --offset 1MiB IMAGE, IMAGE 1 MiB larger; loopfuse detach DEVICE" ;;
     loopfuse-p1) echo "loopfuse attach -P IMAGE, then .../loopN/p1 of a GPT whose partition 1 starts at 1 MiB; loopfuse detach DEVICE" ;;
   esac
@@ -524,6 +526,10 @@ attach_target() {
       ;;
     loopfuse)
       loopfuse_attach "$image" || return 1
+      LOOPFUSE_DISK=$DEV
+      ;;
+    loopfuse-writeback)
+      loopfuse_attach --cache writeback "$image" || return 1
       LOOPFUSE_DISK=$DEV
       ;;
     loopfuse-offset)

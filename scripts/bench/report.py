@@ -39,6 +39,7 @@ TARGET_COLORS = {
     "loop": "#1f77b4",
     "qsd": "#ff7f0e",
     "loopfuse": "#2ca02c",
+    "loopfuse-writeback": "#006400",
     "loopfuse-offset": "#98df8a",
     "loopfuse-p1": "#17becf",
 }

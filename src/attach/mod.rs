@@ -267,6 +267,7 @@ fn initial_state(options: &AttachOptions, offset: u64, size: u64) -> AttachmentS
         partition_table: None,
         partitions: Vec::new(),
         scans: 0,
+        cache: options.cache.to_string(),
     }
 }
 

@@ -18,6 +18,7 @@ struct ListedAttachment<'a> {
     sector_size: u32,
     pid: i32,
     state: &'static str,
+    cache: &'a str,
     /// "MBR", "GPT", or null when no table was found or partitions are not scanned.
     partition_table: Option<&'a str>,
     partitions: Vec<ListedPartition>,
@@ -57,6 +58,7 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
         sector_size: entry.state.sector_size,
         pid: entry.state.pid.pid,
         state: state_of(entry),
+        cache: &entry.state.cache,
         partition_table: entry.state.partition_table.as_deref(),
         partitions: entry
             .state

@@ -91,6 +91,9 @@ pub struct AttachmentState {
     /// Number of partition scans done so far; `rescan` waits for it to grow.
     #[serde(default)]
     pub scans: u64,
+    /// Cache mode of the device files: "writethrough", "writeback" or "none".
+    #[serde(default)]
+    pub cache: String,
 }
 
 /// A partition as recorded in the state file.

@@ -9,17 +9,20 @@ source scripts/lib/common.sh
 ensure_tools
 export PATH="$PATH:/usr/sbin:/sbin"
 
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+# Shows each command before running it, in bold on a terminal.
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; else bold="" plain=""; fi
+show() { printf '\n%s$ %s%s\n' "$bold" "$*" "$plain"; }
+step() { show "$@"; "$@"; }
 
-echo "==> building loopfuse"
-cargo build --release --quiet
-loopfuse=$PWD/target/release/loopfuse
+echo "==> building loopfuse (cargo build --release; a minute or two the first time)"
+cargo build --release
+export PATH="$PWD/target/release:$PATH"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/loopfuse-demo.XXXXXX")
 device=""
 cleanup() {
     if [ -n "$device" ]; then
-        "$loopfuse" detach "$device" 2>/dev/null || true
+        loopfuse detach "$device" 2>/dev/null || true
     fi
     rm -rf "$work"
 }
@@ -27,14 +30,14 @@ trap cleanup EXIT
 image=$work/sample.img
 
 step truncate -s 256M "$image"
-printf '\n\033[1m$ loopfuse attach %s\033[0m\n' "$image"
-device=$("$loopfuse" attach "$image")
+show loopfuse attach "$image"
+device=$(loopfuse attach "$image")
 echo "$device"
 step ls -l "$device"
 step mkfs.ext4 -q -L demo "$device"
 step e2fsck -fn "$device"
-step "$loopfuse" list
-step "$loopfuse" detach "$device"
+step loopfuse list
+step loopfuse detach "$device"
 device=""
 step e2fsck -fn "$image"
 step du -h --apparent-size "$image"

@@ -18,7 +18,8 @@ ensure_tools
 export PATH="$PATH:/usr/sbin:/sbin"
 
 echo "==> cargo test (as $(id -un))"
-cargo test --all-targets
+# --show-output prints the one-line reason of every test that skipped.
+cargo test --all-targets -- --show-output
 
 if [ "$(id -u)" -ne 0 ]; then
     exit 0
@@ -56,6 +57,6 @@ for binary in "${binaries[@]}"; do
     setpriv --reuid="$TEST_USER" --regid="$TEST_USER" --init-groups \
         env -i PATH="/usr/local/bin:/usr/bin:/bin" HOME="$stage" TMPDIR=/tmp \
         LOOPFUSE_BIN="$stage/loopfuse" LOOPFUSE_REQUIRE_FUSE="${LOOPFUSE_REQUIRE_FUSE:-}" \
-        "$stage/$name" || status=1
+        "$stage/$name" --show-output || status=1
 done
 exit "$status"

@@ -259,6 +259,7 @@ fn fio_verify_with_two_jobs_passes() {
             "--ioengine=psync",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--do_verify=1",
         ],
     );

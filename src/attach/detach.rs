@@ -89,6 +89,7 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
             "{name}: cleaning stale attachment of {}",
             entry.state.image.display()
         );
+        report_last_words(registry, name);
         if is_mounted(&entry.mountpoint) {
             unmount_lazily(&entry.mountpoint);
         }
@@ -103,6 +104,20 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
     log::info!("{name}: detached {}", entry.state.image.display());
 
     Ok(())
+}
+
+/// Shows the end of a dead daemon's log before the log is removed with its entry, so the
+/// reason it died is not lost.
+fn report_last_words(registry: &Registry, name: &str) {
+    let Ok(log) = std::fs::read_to_string(registry.log_path(name)) else {
+        return;
+    };
+    let lines: Vec<&str> = log.lines().filter(|line| !line.trim().is_empty()).collect();
+    if lines.is_empty() {
+        return;
+    }
+    let tail = lines[lines.len().saturating_sub(3)..].join("\n  ");
+    log::warn!("{name}: the daemon had stopped; the end of its log:\n  {tail}");
 }
 
 fn unmount(name: &str, mountpoint: &Path) -> Result<(), DetachError> {

@@ -92,7 +92,7 @@ pub enum AttachError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
 
-    #[error("{}: offset {offset} is at or past the end of the image ({len} bytes)", path.display())]
+    #[error("{}: offset {offset} is at or past the end of the image ({len} bytes); give a smaller --offset", path.display())]
     OffsetPastEnd {
         path: PathBuf,
         offset: u64,
@@ -212,7 +212,16 @@ pub fn device_range(
 /// anything, and returns the device range.
 pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u64), AttachError> {
     let info = image::probe(&options.image)?;
+    let options = &AttachOptions {
+        image: info.path.clone(),
+        ..options.clone()
+    };
     let (offset, size, cut) = device_range(options, info.len)?;
+    if let Err(error) = image::check_unlocked(&info.path, options.access()) {
+        return Err(explain_lock_conflict(error, registry));
+    }
+    environment::check_mount_possible()?;
+
     if cut {
         log::warn!(
             "{}: device size {} is not a whole number of {}-byte sectors; the last {} bytes are left out",
@@ -222,11 +231,6 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
             (info.len - offset).min(options.sizelimit.unwrap_or(u64::MAX)) - size
         );
     }
-
-    if let Err(error) = image::check_unlocked(&info.path, options.access()) {
-        return Err(explain_lock_conflict(error, registry));
-    }
-    environment::check_mount_possible()?;
 
     Ok((offset, size))
 }

@@ -115,6 +115,7 @@ pub struct AttachArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(override_usage = "loopfuse detach <TARGET>...\n       loopfuse detach --all")]
 pub struct DetachArgs {
     /// Detach every attachment of this user.
     #[arg(short, long, conflicts_with = "targets")]
@@ -194,7 +195,7 @@ pub fn run(cli: Cli) -> ExitCode {
 type CommandResult = Result<(), Box<dyn std::error::Error>>;
 
 fn run_attach(args: &AttachArgs) -> CommandResult {
-    let registry = Registry::for_current_user()?;
+    let registry = Registry::create_for_current_user()?;
     let options = args.device.to_options();
 
     if args.foreground {

@@ -34,6 +34,9 @@ pub enum ImageError {
     #[error("{}: cannot open the image", path.display())]
     Open { path: PathBuf, source: io::Error },
 
+    #[error("{}: permission denied for writing; attach it read-only with -r, or make it writable", path.display())]
+    NotWritable { path: PathBuf },
+
     #[error("{}: is a {kind}, not an image file (give a regular file or a block device)", path.display())]
     NotAFile { path: PathBuf, kind: &'static str },
 
@@ -52,7 +55,7 @@ pub enum ImageError {
         format: ForeignFormat,
     },
 
-    #[error("{}: image is in use by another attachment{} (see 'loopfuse list', or detach it first)", path.display(), if *holder_writes { " that writes to it" } else { "" })]
+    #[error("{}: image is in use by another attachment{} (see 'loopfuse list'; it may belong to another user or program)", path.display(), if *holder_writes { " that writes to it" } else { "" })]
     Locked { path: PathBuf, holder_writes: bool },
 
     #[error("{}: cannot map the image into memory", path.display())]
@@ -118,9 +121,15 @@ fn open_file(path: &Path, access: Access) -> Result<File, ImageError> {
     let mut options = OpenOptions::new();
     options.read(true).write(access == Access::ReadWrite);
     std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
-    options
-        .open(path)
-        .map_err(|source| open_error(path, source))
+    options.open(path).map_err(|source| {
+        if access == Access::ReadWrite && source.kind() == io::ErrorKind::PermissionDenied {
+            ImageError::NotWritable {
+                path: path.to_path_buf(),
+            }
+        } else {
+            open_error(path, source)
+        }
+    })
 }
 
 fn open_error(path: &Path, source: io::Error) -> ImageError {

@@ -29,6 +29,9 @@ pub enum RegistryError {
     #[error("{}: cannot create the runtime directory", path.display())]
     CreateRoot { path: PathBuf, source: io::Error },
 
+    #[error("{}: runtime directory does not exist; create it (mode 0700, owned by you) or unset XDG_RUNTIME_DIR", path.display())]
+    MissingParent { path: PathBuf },
+
     #[error("{}: runtime directory is not private (owner uid {owner}, mode {mode:o}); remove it or set XDG_RUNTIME_DIR to a directory of your own", path.display())]
     UnsafeRoot {
         path: PathBuf,
@@ -168,18 +171,34 @@ pub struct Registry {
 
 impl Registry {
     /// Opens the registry of the current user, creating its directory when missing.
-    pub fn for_current_user() -> Result<Self, RegistryError> {
+    pub fn create_for_current_user() -> Result<Self, RegistryError> {
         Self::at(default_root())
     }
 
-    /// Opens the registry at `root`, creating it (mode 0700) when missing.
+    /// Opens the registry of the current user without creating anything: a registry that
+    /// does not exist yet simply lists no attachments.
+    pub fn for_current_user() -> Result<Self, RegistryError> {
+        let root = default_root();
+        if !root.exists() {
+            return Ok(Self { root });
+        }
+        check_private(&root)?;
+        Ok(Self { root })
+    }
+
+    /// Opens the registry at `root`, creating it (mode 0700) when missing. Its parent must
+    /// exist, because a missing `XDG_RUNTIME_DIR` is a set-up error to report, not to hide.
     pub fn at(root: PathBuf) -> Result<Self, RegistryError> {
-        match fs::DirBuilder::new()
-            .mode(0o700)
-            .recursive(true)
-            .create(&root)
+        if let Some(parent) = root.parent()
+            && !parent.is_dir()
         {
+            return Err(RegistryError::MissingParent {
+                path: parent.to_path_buf(),
+            });
+        }
+        match fs::DirBuilder::new().mode(0o700).create(&root) {
             Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
             Err(source) => return Err(RegistryError::CreateRoot { path: root, source }),
         }
         check_private(&root)?;
@@ -278,10 +297,16 @@ impl Registry {
 
     /// Reads every attachment, sorted by number.
     pub fn list(&self) -> Result<Vec<Entry>, RegistryError> {
-        let read_dir = fs::read_dir(&self.root).map_err(|source| RegistryError::Io {
-            path: self.root.clone(),
-            source,
-        })?;
+        let read_dir = match fs::read_dir(&self.root) {
+            Ok(read_dir) => read_dir,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(RegistryError::Io {
+                    path: self.root.clone(),
+                    source,
+                });
+            }
+        };
 
         let mut entries = Vec::new();
         for dir_entry in read_dir.flatten() {

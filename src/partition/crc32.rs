@@ -48,7 +48,7 @@ mod tests {
     }
 
     #[test]
-    fn crc32_of_nothing_is_zero() {
+    fn crc32_of_empty_input_is_zero() {
         assert_eq!(crc32(&[]), 0);
     }
 

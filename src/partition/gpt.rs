@@ -14,7 +14,7 @@ use super::{
 
 /// Header bytes 0..8: the signature "EFI PART", here read as a little-endian `u64`.
 const SIGNATURE: u64 = u64::from_le_bytes(*b"EFI PART");
-/// Header bytes 8..12: the revision, 0x00010000 (1.0) in every UEFI version so far.
+/// Header bytes 8..12: the revision, 0x00010000 for GPT 1.0.
 const HEADER_REVISION: usize = 8;
 const REVISION_1_0: u32 = 0x0001_0000;
 /// Header bytes 12..16: the header size, at least 92 and at most one logical sector.
@@ -40,8 +40,8 @@ const HEADER_ENTRY_SIZE: usize = 84;
 /// Header bytes 88..92: CRC-32 of the whole entry array.
 const HEADER_ENTRIES_CRC: usize = 88;
 
-/// The only entry size the kernel and libblkid accept. UEFI allows 128 times any power of
-/// two, but `efi.c` rejects a header with any other size, so this does too.
+/// The only entry size that the kernel (`efi.c`) and libblkid accept. They reject a header with
+/// any other size, though UEFI permits larger entries, so this parser does too.
 const ENTRY_SIZE: u32 = 128;
 /// Entry bytes 0..16: the type GUID, all zeroes in an unused entry.
 const ENTRY_TYPE_GUID: usize = 0;
@@ -58,7 +58,8 @@ const MAX_ENTRY_ARRAY_LEN: u64 = 4 << 20;
 
 const PRIMARY_LBA: u64 = 1;
 
-/// Why one GPT header copy, with its entry array, was rejected.
+/// Rejection of one GPT header copy or its entry array: where the header was looked for and
+/// the check it failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GptHeaderError {
     /// LBA where the header was looked for.
@@ -147,8 +148,8 @@ pub(super) fn read_table(
         let expected = last_lba.min(u64::from(u32::MAX));
         if u64::from(count) != expected {
             log::debug!(
-                "protective MBR entry covers {count} sectors, expected {expected}; ignored as the \
-                 kernel does"
+                "protective MBR entry covers {count} sectors, not {expected}, which the kernel \
+                 also ignores"
             );
         }
     }
@@ -162,7 +163,7 @@ pub(super) fn read_table(
         // NOTE: the kernel looks for the backup at the last LBA only when booted with the
         // `gpt` option, to guard against disks that misreport their size, and otherwise lists
         // no partitions. An image file's size is exact, so the backup is used here, with a
-        // warning, as libblkid and sgdisk do.
+        // warning, as libblkid does.
         Err(primary_error) => match read_copy(disk, last_lba)? {
             Ok(backup) => {
                 log::debug!("{primary_error}, using the backup header at LBA {last_lba}");
@@ -198,7 +199,7 @@ pub(super) fn read_table(
 
 /// Reads and checks the header copy at `lba` and its entry array.
 ///
-/// The outer `Result` carries I/O errors. The inner one says whether the copy is valid.
+/// The outer `Result` carries I/O errors. The inner one is `Err` when the copy is invalid.
 fn read_copy(disk: &Disk<'_>, lba: u64) -> Result<Result<GptCopy, GptHeaderError>, PartitionError> {
     let reject = |problem| {
         log::debug!("GPT header at LBA {lba} rejected: {problem}");

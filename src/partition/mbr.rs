@@ -24,8 +24,8 @@ const SIGNATURE: u16 = 0xAA55;
 const ENTRY_BOOT_INDICATOR: usize = 0;
 /// Entry byte 4: the partition type.
 const ENTRY_TYPE: usize = 4;
-/// Entry bytes 8..12: the first sector, little-endian. Bytes 1..4 and 5..8 hold CHS
-/// addresses, which nothing reads any more.
+/// Entry bytes 8..12: the first sector, little-endian. Bytes 1..4 and 5..8 contain CHS
+/// addresses, which the kernel ignores and so does this parser.
 const ENTRY_FIRST_LBA: usize = 8;
 /// Entry bytes 12..16: the number of sectors, little-endian.
 const ENTRY_SECTOR_COUNT: usize = 12;
@@ -104,7 +104,7 @@ impl BootSector {
         })
     }
 
-    /// Whether entries other than the protective one are in use, as in a hybrid MBR.
+    /// Returns whether entries other than the protective one are in use, as in a hybrid MBR.
     pub(super) fn is_hybrid(&self) -> bool {
         self.entries
             .iter()
@@ -139,7 +139,8 @@ pub(super) fn read_table(
     }
 
     // The kernel's MBR parser skips a disk with a 0xEE entry, leaving it to the GPT parser,
-    // which accepts only an entry at LBA 1. Such a disk gets no partitions, so say why.
+    // which accepts only an entry at LBA 1. Such a disk gets no partitions, so return an error
+    // that names the entry.
     if let Some(slot) = mbr
         .entries
         .iter()
@@ -194,10 +195,10 @@ pub(super) fn read_table(
 /// Follows the chain of EBRs in the extended partition at `extended_start` and appends its
 /// logical partitions to `table`, numbered from `next_number`.
 ///
-/// Each EBR holds entries for its data partitions, with starts relative to the EBR, and a link
-/// to the next EBR, with a start relative to the extended partition. Like the kernel, this reads
-/// every entry with a sector count, and checks that entries 3 and 4 lie inside their link's
-/// extent and the extended partition, because those two often hold garbage.
+/// Each EBR contains entries for its data partitions, with starts relative to the EBR, and a
+/// link to the next EBR, with a start relative to the extended partition. Like the kernel, this
+/// reads every entry with a sector count, and checks that entries 3 and 4 lie inside their
+/// link's extent and the extended partition, because those two often contain garbage.
 fn read_logical_chain(
     disk: &Disk<'_>,
     extended_start: u64,
@@ -244,8 +245,9 @@ fn read_logical_chain(
         }
         let sector = disk.read(ebr_start, BOOT_SECTOR_LEN)?;
         let Some(ebr) = BootSector::parse(&sector) else {
-            // An extended partition with no logical partitions may have no EBR at all, but a
-            // link that points to a sector without a signature is damage worth reporting.
+            // The kernel stops here without a message. A first EBR without a signature only
+            // means that there are no logical partitions, but a link that points to a sector
+            // without one is damage worth reporting.
             if ebr_start == extended_start {
                 log::debug!("extended partition at {extended_start:#x} has no EBR");
             } else {
@@ -267,14 +269,14 @@ fn read_logical_chain(
             let start = ebr_start
                 .checked_add(relative_start)
                 .ok_or(PartitionError::Overflow {
-                    what: "logical partition start",
+                    field: "logical partition start",
                     sectors: u64::from(entry.first_lba),
                 })?;
 
             let extent = (extent_len, extended_start, extended_len);
             if index >= 2 && !lies_within(relative_start, start, len, extent) {
                 log::debug!(
-                    "EBR at {ebr_start:#x}: entry {} lies outside its extent, ignored as the kernel does",
+                    "EBR at {ebr_start:#x}: entry {} lies outside its extent, so it is ignored",
                     index + 1
                 );
                 continue;
@@ -309,16 +311,16 @@ fn read_logical_chain(
         ebr_start = extended_start
             .checked_add(link_offset)
             .ok_or(PartitionError::Overflow {
-                what: "EBR link",
+                field: "EBR link",
                 sectors: u64::from(link.first_lba),
             })?;
         extent_len = sectors_to_bytes(disk, link.sector_count, "EBR link size")?;
     }
 }
 
-/// Whether a logical partition from entry 3 or 4 of an EBR lies inside both the extent that the
-/// link to this EBR gave and the extended partition. The kernel applies this check to those
-/// two entries only.
+/// Returns whether a logical partition from entry 3 or 4 of an EBR lies inside both the
+/// extent that the link to this EBR gave and the extended partition. The kernel applies this
+/// check to those two entries only.
 ///
 /// `extent` is the link's extent length, then the extended partition's start and length.
 fn lies_within(relative_start: u64, start: u64, len: u64, extent: (u64, u64, u64)) -> bool {
@@ -337,17 +339,17 @@ fn lies_within(relative_start: u64, start: u64, len: u64, extent: (u64, u64, u64
 
 /// Converts a 32-bit sector count or LBA from a table to bytes.
 ///
-/// With sectors of at most 65536 bytes the product stays below 2^48, so this cannot fail
-/// today. It stays checked so that a larger sector size cannot wrap silently.
+/// `scan` rejects sectors larger than 65536 bytes, so the product stays below 2^48 and this
+/// cannot fail. It stays checked so that raising that limit cannot make it wrap silently.
 fn sectors_to_bytes(
     disk: &Disk<'_>,
     sectors: u32,
-    what: &'static str,
+    field: &'static str,
 ) -> Result<u64, PartitionError> {
     u64::from(sectors)
         .checked_mul(disk.sector_size)
         .ok_or(PartitionError::Overflow {
-            what,
+            field,
             sectors: u64::from(sectors),
         })
 }

@@ -3,11 +3,12 @@
 //! [`scan`] reads the tables at the start (and, for GPT, the end) of a device and returns its
 //! partitions as byte ranges, numbered and sized as the Linux kernel numbers and sizes
 //! `/dev/loopNpM`. The kernel's own parser (`block/partitions/msdos.c`, `efi.c` and `core.c`)
-//! is the reference. Where this module departs from it, a comment at that spot says so.
+//! is the reference. Where this module departs from it, a comment at that spot explains why.
 //!
-//! This module only reads. It knows nothing of FUSE, the mapping or the command line. It does
-//! not know the image path either, so callers add the path when they log or report. It logs at
-//! `debug` and `trace` only, and returns what a user should see as [`PartitionWarning`]s.
+//! This module only reads, and it does not depend on FUSE, the mapping or the command line.
+//! It is not given the image path either, so callers add the path when they log or report.
+//! It logs at `debug` and `trace` only, and returns what a user should see as
+//! [`PartitionWarning`]s.
 #![forbid(unsafe_code)]
 
 mod crc32;
@@ -38,7 +39,7 @@ const KERNEL_SECTOR_SIZE: u64 = 512;
 /// The MBR occupies the first 512 bytes of sector 0, whatever the sector size.
 const BOOT_SECTOR_LEN: usize = 512;
 
-/// Which kind of partition table a device holds.
+/// Kind of partition table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
     /// The DOS partition table: four primary entries in sector 0, plus logical partitions.
@@ -125,13 +126,13 @@ pub enum PartitionError {
     #[error("MBR logical partition chain loops back to the EBR at LBA {lba} ({offset:#x})")]
     EbrLoop { lba: u64, offset: u64 },
 
-    #[error("MBR {what} of {sectors} sectors does not fit in a 64-bit byte count")]
-    Overflow { what: &'static str, sectors: u64 },
+    #[error("MBR {field} of {sectors} sectors does not fit in a 64-bit byte count")]
+    Overflow { field: &'static str, sectors: u64 },
 }
 
 /// Reads the partition table of `device`, whose logical sectors are `sector_size` bytes.
 ///
-/// Returns `Ok(None)` when the device holds no partition table: no `0x55AA` boot signature,
+/// Returns `Ok(None)` when the device contains no partition table: no `0x55AA` boot signature,
 /// or a boot sector whose entries have boot indicators other than `0x00` and `0x80` (such as
 /// a FAT boot sector). A table that is present but unusable is an error: every GPT header
 /// copy is invalid, a protective MBR entry is malformed, or the logical partition chain
@@ -140,9 +141,9 @@ pub enum PartitionError {
 ///
 /// # Limitations
 ///
-/// - Only MBR and GPT are read. The kernel also reads BSD disklabels, Solaris and Minix
-///   slices, and UnixWare tables nested in MBR partitions, and formats such as AIX, Mac, Sun
-///   and LDM. Those nested partitions are not listed here.
+/// - Only MBR and GPT are read. Kernels built with the matching options also read BSD
+///   disklabels, Solaris and Minix slices and UnixWare tables nested in MBR partitions, and
+///   formats such as AIX, Mac, Sun and LDM. Those partitions are not listed here.
 /// - A GPT whose primary header is invalid is read from the backup header at the last LBA,
 ///   with a warning. The kernel does this only when booted with the `gpt` option.
 pub fn scan(
@@ -157,7 +158,7 @@ pub fn scan(
     let disk = Disk::new(device, sector_size);
     if disk.len < u64::from(sector_size) {
         log::debug!(
-            "device of {} bytes is shorter than one {sector_size}-byte sector, so it holds no partition table",
+            "device of {} bytes is shorter than one {sector_size}-byte sector, so it has no table",
             disk.len
         );
         return Ok(None);
@@ -170,13 +171,13 @@ pub fn scan(
     };
 
     let table = if let Some(slot) = boot_sector.protective_slot() {
+        let kind = if boot_sector.is_hybrid() {
+            "hybrid"
+        } else {
+            "protective"
+        };
         log::debug!(
-            "{} MBR (type 0xee in entry {}), reading the GPT",
-            if boot_sector.is_hybrid() {
-                "hybrid"
-            } else {
-                "protective"
-            },
+            "{kind} MBR (type 0xee in entry {}), reading the GPT",
             slot + 1
         );
         gpt::read_table(&disk, &boot_sector)?
@@ -247,7 +248,7 @@ fn fit_to_device(mut table: PartitionTable, device_len: u64) -> PartitionTable {
 struct Disk<'a> {
     device: &'a dyn BlockDevice,
     sector_size: u64,
-    /// Device length in bytes, read once so that every check sees the same value.
+    /// Device length in bytes, read once so that every check uses the same value.
     len: u64,
 }
 
@@ -260,17 +261,18 @@ impl<'a> Disk<'a> {
         }
     }
 
-    /// LBA of the last whole sector. Callers make sure that the device holds one sector.
+    /// Returns the LBA of the last whole sector, or 0 when there is none. `scan` returns early
+    /// for devices shorter than one sector, so the parsers never see that case.
     fn last_lba(&self) -> u64 {
         (self.len / self.sector_size).saturating_sub(1)
     }
 
-    /// Byte offset of `lba`, or `None` when it does not fit in 64 bits.
+    /// Returns the byte offset of `lba`, or `None` when it does not fit in 64 bits.
     fn offset_of(&self, lba: u64) -> Option<u64> {
         lba.checked_mul(self.sector_size)
     }
 
-    /// Whether `len` bytes at `offset` lie inside the device.
+    /// Returns whether `len` bytes at `offset` lie inside the device.
     fn contains(&self, offset: u64, len: u64) -> bool {
         offset.checked_add(len).is_some_and(|end| end <= self.len)
     }

@@ -4,8 +4,8 @@ use std::fmt;
 
 use super::GptHeaderError;
 
-/// A problem in a partition table that did not stop the scan. `Display` says what was found
-/// and what the scan did about it.
+/// A problem in a partition table that did not stop the scan. `Display` describes what was
+/// found and what the scan did about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PartitionWarning {
@@ -55,7 +55,7 @@ pub enum PartitionWarning {
     },
 }
 
-/// Why a chain of logical partitions stopped before its last EBR.
+/// Reason a chain of logical partitions stopped before its last EBR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum EbrStop {
@@ -63,7 +63,7 @@ pub enum EbrStop {
     MissingSignature,
     /// The EBR lies past the end of the device.
     PastEnd,
-    /// 100 links in a row held no logical partition. The kernel stops there too.
+    /// 100 links in a row contained no logical partition. The kernel stops there too.
     TooManyEmptyLinks,
 }
 
@@ -72,7 +72,7 @@ impl fmt::Display for EbrStop {
         formatter.write_str(match self {
             EbrStop::MissingSignature => "it has no 0x55AA signature",
             EbrStop::PastEnd => "it lies past the end of the device",
-            EbrStop::TooManyEmptyLinks => "100 EBRs in a row held no partition",
+            EbrStop::TooManyEmptyLinks => "100 EBRs in a row contained no partition",
         })
     }
 }

@@ -125,14 +125,25 @@ proptest! {
     fn fuzz_arbitrary_bytes(
         bytes in prop::collection::vec(any::<u8>(), 0..20_000),
         sector_size in sector_sizes(),
-        signed in any::<bool>(),
+        shape in 0u8..4,
     ) {
         let mut image = bytes;
-        // Most random sectors lack the boot signature; add it to half the cases so that the
-        // MBR and GPT code is reached.
-        if signed && image.len() >= 512 {
-            image[0x1FE] = 0x55;
-            image[0x1FF] = 0xAA;
+        // Random bytes almost never carry the boot signature and valid boot indicators, so
+        // most cases get them, and some a protective entry too, to reach the MBR and GPT code.
+        if image.len() >= 512 {
+            if shape >= 1 {
+                image[0x1FE] = 0x55;
+                image[0x1FF] = 0xAA;
+            }
+            if shape >= 2 {
+                for slot in 0..4 {
+                    image[0x1BE + slot * 16] = 0;
+                }
+            }
+            if shape >= 3 {
+                image[0x1BE + 4] = 0xEE;
+                image[0x1BE + 8..0x1BE + 12].copy_from_slice(&1u32.to_le_bytes());
+            }
         }
         let len = image.len() as u64;
 

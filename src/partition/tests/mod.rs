@@ -3,7 +3,9 @@
 
 mod fuzz;
 mod gpt;
+mod gpt_entries;
 mod mbr;
+mod mbr_chain;
 mod scan;
 
 use super::crc32::crc32;
@@ -35,6 +37,11 @@ fn layout(table: &PartitionTable) -> Vec<(u32, u64, u64)> {
         .iter()
         .map(|partition| (partition.number, partition.start, partition.len))
         .collect()
+}
+
+/// Returns the length in bytes of `sectors` sectors of `sector_size` bytes.
+fn bytes(sector_size: usize, sectors: u64) -> u64 {
+    sectors * sector_size as u64
 }
 
 // ----- MBR builders -------------------------------------------------------------------------
@@ -300,6 +307,16 @@ fn standard_gpt_entries() -> Vec<GptEntry> {
 
 fn standard_gpt(sector_size: usize) -> Vec<u8> {
     build_gpt(standard_gpt_layout(sector_size), &standard_gpt_entries())
+}
+
+/// Returns `(number, start, len)` in bytes of the standard GPT image's partitions.
+fn standard_gpt_partitions(sector_size: usize) -> Vec<(u32, u64, u64)> {
+    let s = |sectors: u64| sectors * sector_size as u64;
+    vec![
+        (1, s(64), s(960)),
+        (2, s(1024), s(512)),
+        (4, s(1536), s(464)),
+    ]
 }
 
 /// Recomputes the CRCs of the header at `lba` after a test changed it or its entries.

@@ -8,10 +8,10 @@ fn scan_rejects_invalid_sector_size() {
     for sector_size in [0, 256, 511, 1000, 131_072] {
         let error = scan(&MemoryDevice::new(vec![0; 1 << 20]), sector_size).unwrap_err();
 
-        assert!(
-            matches!(error, PartitionError::InvalidSectorSize { sector_size: found } if found == sector_size),
-            "{error:?}"
-        );
+        let PartitionError::InvalidSectorSize { sector_size: found } = error else {
+            panic!("expected InvalidSectorSize, got {error:?}");
+        };
+        assert_eq!(found, sector_size);
     }
 }
 
@@ -32,7 +32,7 @@ fn scan_of_zeroed_device_finds_no_table() {
 }
 
 #[test]
-fn scan_of_empty_or_tiny_device_finds_no_table() {
+fn scan_of_tiny_device_finds_nothing() {
     for len in [0, 1, 511] {
         assert!(scan_image(vec![0; len], 512).unwrap().is_none());
     }

@@ -8,8 +8,10 @@
 use std::io;
 use std::sync::Arc;
 
+mod allocation;
 mod memory;
 
+pub use allocation::{AllocationCache, allocated_sectors_in};
 pub use memory::MemoryDevice;
 
 /// A fixed-size device with positional I/O.
@@ -82,6 +84,7 @@ pub struct Window {
     inner: Arc<dyn BlockDevice>,
     start: u64,
     len: u64,
+    allocation: AllocationCache,
 }
 
 impl Window {
@@ -91,7 +94,12 @@ impl Window {
     pub fn new(inner: Arc<dyn BlockDevice>, start: u64, len: u64) -> io::Result<Self> {
         check_range(start, len, inner.len())?;
 
-        Ok(Self { inner, start, len })
+        Ok(Self {
+            inner,
+            start,
+            len,
+            allocation: AllocationCache::default(),
+        })
     }
 
     /// Offset of the window inside the underlying device.
@@ -181,9 +189,9 @@ impl BlockDevice for Window {
     }
 
     fn allocated_sectors(&self) -> io::Result<u64> {
-        // NOTE: reports the whole backing file's allocation, not just this window's, because
-        // counting a range would need a SEEK_DATA/SEEK_HOLE walk on every stat.
-        self.inner.allocated_sectors()
+        let (start, end) = (self.start, self.start + self.len);
+        self.allocation
+            .get_or_count(|| allocated_sectors_in(self.inner.as_ref(), start, end))
     }
 }
 

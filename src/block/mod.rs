@@ -1,8 +1,9 @@
 //! Block devices: the byte-addressed view that the FUSE layer serves.
 //!
 //! A [`BlockDevice`] has a fixed length and positional reads and writes. The mapped image
-//! implements it, and [`Window`] exposes a byte range of another device (an `--offset`
-//! attachment or a partition). This module does not depend on FUSE or the command line.
+//! implements it, [`Window`] exposes a byte range of another device (an `--offset`
+//! attachment or a partition), and [`Overlay`] keeps the writes to a read-only base device in
+//! a copy-on-write overlay file. This module does not depend on FUSE or the command line.
 #![forbid(unsafe_code)]
 
 use std::io;
@@ -10,9 +11,11 @@ use std::sync::Arc;
 
 mod allocation;
 mod memory;
+pub mod overlay;
 
 pub use allocation::{AllocationCache, allocated_sectors_in};
 pub use memory::MemoryDevice;
+pub use overlay::Overlay;
 
 /// A fixed-size device with positional I/O.
 ///

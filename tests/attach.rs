@@ -8,7 +8,10 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use common::{Sandbox, is_root, pattern, run, run_ok, sha256, wait_until};
+use common::{
+    Fuse2fs, LoopDevice, Sandbox, Unmount, is_root, pattern, run_ok, seeded_fio_writes, sha256,
+    wait_until,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -67,42 +70,6 @@ fn fuse2fs_files_survive_reattach() {
 
     run_ok("e2fsck", ["-fn".as_ref(), image.as_os_str()]);
     sandbox.assert_clean();
-}
-
-/// A `fuse2fs` mount of a device file, unmounted on drop.
-struct Fuse2fs {
-    mountpoint: std::path::PathBuf,
-}
-
-impl Fuse2fs {
-    fn mount(device: &std::path::Path, mountpoint: &std::path::Path, mode: &str) -> Self {
-        // fakeroot lets an unprivileged user create files owned by the filesystem's root.
-        let options = format!("{mode},fakeroot");
-        run_ok(
-            "fuse2fs",
-            [
-                device.as_os_str(),
-                mountpoint.as_os_str(),
-                "-o".as_ref(),
-                options.as_ref(),
-            ],
-        );
-        Self {
-            mountpoint: mountpoint.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Fuse2fs {
-    fn drop(&mut self) {
-        let output = run("fusermount3", ["-u".as_ref(), self.mountpoint.as_os_str()]);
-        if !output.status.success() {
-            let _ = run(
-                "fusermount3",
-                ["-u".as_ref(), "-z".as_ref(), self.mountpoint.as_os_str()],
-            );
-        }
-    }
 }
 
 #[test]
@@ -297,36 +264,6 @@ fn fio_workload_matches_kernel_loop() {
     sandbox.assert_clean();
 }
 
-/// A kernel loop device, detached on drop.
-struct LoopDevice(String);
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = run("losetup", ["-d", self.0.as_str()]);
-    }
-}
-
-fn seeded_fio_writes(target: &std::path::Path) {
-    let filename = format!("--filename={}", target.display());
-    run_ok(
-        "fio",
-        [
-            "--name=oracle",
-            filename.as_str(),
-            "--rw=randrw",
-            "--rwmixwrite=70",
-            "--bsrange=512-64k",
-            "--size=48M",
-            "--io_size=24M",
-            "--randseed=20261204",
-            "--randrepeat=1",
-            "--refill_buffers=1",
-            "--ioengine=psync",
-            "--end_fsync=1",
-        ],
-    );
-}
-
 #[test]
 fn kill_after_fsync_loses_nothing() {
     let Some(sandbox) = Sandbox::new("kill_after_fsync_loses_nothing", &[]) else {
@@ -516,15 +453,6 @@ fn full_backing_filesystem_answers_enospc() {
     drop(reader);
     sandbox.detach(&device);
     sandbox.assert_clean();
-}
-
-/// A mount made by a test, lazily unmounted on drop.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 #[test]

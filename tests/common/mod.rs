@@ -335,3 +335,80 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
     condition()
 }
+
+/// A `fuse2fs` mount of a device file, unmounted on drop.
+pub struct Fuse2fs {
+    mountpoint: PathBuf,
+}
+
+impl Fuse2fs {
+    pub fn mount(device: &Path, mountpoint: &Path, mode: &str) -> Self {
+        // fakeroot lets an unprivileged user create files owned by the filesystem's root.
+        let options = format!("{mode},fakeroot");
+        run_ok(
+            "fuse2fs",
+            [
+                device.as_os_str(),
+                mountpoint.as_os_str(),
+                "-o".as_ref(),
+                options.as_ref(),
+            ],
+        );
+        Self {
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Fuse2fs {
+    fn drop(&mut self) {
+        let output = run("fusermount3", ["-u".as_ref(), self.mountpoint.as_os_str()]);
+        if !output.status.success() {
+            let _ = run(
+                "fusermount3",
+                ["-u".as_ref(), "-z".as_ref(), self.mountpoint.as_os_str()],
+            );
+        }
+    }
+}
+
+/// A kernel loop device, detached on drop.
+pub struct LoopDevice(pub String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = run("losetup", ["-d", self.0.as_str()]);
+    }
+}
+
+/// Runs a seeded random read and write workload on `target`: the same offsets and bytes on
+/// every run, so two targets that start equal end equal.
+pub fn seeded_fio_writes(target: &Path) {
+    let filename = format!("--filename={}", target.display());
+    run_ok(
+        "fio",
+        [
+            "--name=oracle",
+            filename.as_str(),
+            "--rw=randrw",
+            "--rwmixwrite=70",
+            "--bsrange=512-64k",
+            "--size=48M",
+            "--io_size=24M",
+            "--randseed=20261204",
+            "--randrepeat=1",
+            "--refill_buffers=1",
+            "--ioengine=psync",
+            "--end_fsync=1",
+        ],
+    );
+}
+
+/// A mount made by a test, lazily unmounted on drop.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}

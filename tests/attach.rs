@@ -9,8 +9,8 @@ use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use common::{
-    Fuse2fs, LoopDevice, Sandbox, Unmount, is_root, pattern, run_ok, seeded_fio_writes, sha256,
-    wait_until,
+    Fuse2fs, Sandbox, assert_chunks_intact, is_root, kernel_loop, pattern, run_ok,
+    seeded_fio_writes, sha256, small_tmpfs, wait_until, write_until_full,
 };
 
 const MIB: u64 = 1 << 20;
@@ -248,11 +248,7 @@ fn fio_workload_matches_kernel_loop() {
     let kernel_image = sandbox.sparse_image("kernel.img", 64 * MIB);
     let fuse_image = sandbox.sparse_image("fuse.img", 64 * MIB);
 
-    let loop_device = run_ok(
-        "losetup",
-        ["-f".as_ref(), "--show".as_ref(), kernel_image.as_os_str()],
-    );
-    let loop_device = LoopDevice(loop_device.trim().to_string());
+    let loop_device = kernel_loop(&kernel_image);
     seeded_fio_writes(std::path::Path::new(&loop_device.0));
     drop(loop_device);
 
@@ -405,52 +401,16 @@ fn full_backing_filesystem_answers_enospc() {
     let Some(sandbox) = Sandbox::new(test, &[]) else {
         return;
     };
-    let small = sandbox.path("small");
-    fs::create_dir(&small).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &small,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=8m"),
-    )
-    .unwrap();
-    let _tmpfs = Unmount(small.clone());
-
+    let (small, _tmpfs) = small_tmpfs(&sandbox);
     let image = small.join("disk.img");
     fs::File::create(&image).unwrap().set_len(64 * MIB).unwrap();
     let device = sandbox.attach([&image]);
-    let file = OpenOptions::new().write(true).open(&device).unwrap();
 
-    let chunk = pattern(MIB as usize, 6);
-    let mut written = Vec::new();
-    let mut failure = None;
-    for index in 0..16u64 {
-        match file
-            .write_all_at(&chunk, index * MIB)
-            .and_then(|()| file.sync_data())
-        {
-            Ok(()) => written.push(index),
-            Err(error) => {
-                failure = Some(error);
-                break;
-            }
-        }
-    }
-    let failure = failure.expect("writing 16 MiB into an 8 MiB tmpfs must fail");
-    assert_eq!(failure.raw_os_error(), Some(libc::ENOSPC), "{failure}");
-    assert!(!written.is_empty());
-    drop(file);
+    let (chunk, written) = write_until_full(&device);
 
     // The daemon lives on and every write that succeeded reads back intact.
     assert_eq!(sandbox.list()[0]["state"], "attached");
-    let reader = fs::File::open(&device).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    for index in written {
-        reader.read_exact_at(&mut buf, index * MIB).unwrap();
-        assert!(buf == chunk, "chunk {index} differs");
-    }
-    drop(reader);
+    assert_chunks_intact(&device, &chunk, &written);
     sandbox.detach(&device);
     sandbox.assert_clean();
 }

@@ -10,7 +10,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Sandbox, Unmount, is_root, pattern, seeded_fio_writes, sha256, wait_until};
+use common::{
+    Sandbox, assert_chunks_intact, is_root, pattern, seeded_fio_writes, sfdisk, sha256,
+    small_tmpfs, wait_until, write_until_full,
+};
 use nix::fcntl::{FallocateFlags, fallocate};
 
 const MIB: u64 = 1 << 20;
@@ -206,16 +209,7 @@ fn overlay_punch_through_partition_reads_zeroes() {
         return;
     };
     let image = sandbox.image_with("disk.img", &pattern(32 * MIB as usize, 5));
-    let mut child = std::process::Command::new(common::find_tool("sfdisk").unwrap())
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(&image)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"label: dos\n,8M\n,,\n").unwrap();
-    drop(child.stdin.take());
-    assert!(child.wait().unwrap().success());
+    sfdisk(&image, "label: dos\n,8M\n,,\n");
     let before = sha256(&image);
     let overlay = sandbox.path("changes.overlay");
 
@@ -304,50 +298,15 @@ fn overlay_on_full_filesystem_answers_enospc() {
     let Some(sandbox) = Sandbox::new(test, &[]) else {
         return;
     };
-    let small = sandbox.path("small");
-    fs::create_dir(&small).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &small,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=8m"),
-    )
-    .unwrap();
-    let _tmpfs = Unmount(small.clone());
+    let (small, _tmpfs) = small_tmpfs(&sandbox);
     let image = sandbox.sparse_image("disk.img", 64 * MIB);
     let overlay = small.join("changes.overlay");
-
     let device = sandbox.attach(overlay_args(&overlay, &image));
-    let file = OpenOptions::new().write(true).open(&device).unwrap();
-    let chunk = pattern(MIB as usize, 8);
-    let mut written = Vec::new();
-    let mut failure = None;
-    for index in 0..16u64 {
-        match file
-            .write_all_at(&chunk, index * MIB)
-            .and_then(|()| file.sync_data())
-        {
-            Ok(()) => written.push(index),
-            Err(error) => {
-                failure = Some(error);
-                break;
-            }
-        }
-    }
-    let failure = failure.expect("writing 16 MiB into an 8 MiB tmpfs must fail");
-    assert_eq!(failure.raw_os_error(), Some(libc::ENOSPC), "{failure}");
-    assert!(!written.is_empty());
-    drop(file);
+
+    let (chunk, written) = write_until_full(&device);
 
     assert_eq!(sandbox.list()[0]["state"], "attached");
-    let reader = fs::File::open(&device).unwrap();
-    let mut buffer = vec![0u8; MIB as usize];
-    for index in written {
-        reader.read_exact_at(&mut buffer, index * MIB).unwrap();
-        assert!(buffer == chunk, "chunk {index} differs");
-    }
-    drop(reader);
+    assert_chunks_intact(&device, &chunk, &written);
     sandbox.detach(&device);
     sandbox.assert_clean();
 }

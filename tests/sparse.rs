@@ -5,13 +5,11 @@
 mod common;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use common::{Fuse2fs, LoopDevice, Sandbox, find_tool, is_root, pattern, run_ok};
+use common::{Fuse2fs, Sandbox, is_root, kernel_loop, pattern, run_ok, sfdisk};
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};
 
@@ -47,24 +45,6 @@ fn map_within(map: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
 /// Bytes allocated for a file, from `st_blocks`.
 fn allocated(path: &Path) -> u64 {
     fs::metadata(path).unwrap().blocks() * 512
-}
-
-/// Writes a partition table with `sfdisk`, reading `script` from standard input.
-fn sfdisk(target: &Path, script: &str) {
-    let mut child = Command::new(find_tool("sfdisk").unwrap())
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(target)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "sfdisk failed");
 }
 
 /// Creates a 64 MiB image with a GPT of two partitions, p1 at 1 MiB (16 MiB) and p2 after it, and
@@ -156,14 +136,7 @@ fn mkfs_allocation_matches_kernel_loop() {
     fs::create_dir(&mountpoint).unwrap();
 
     let kernel_image = sandbox.sparse_image("kernel.img", 100 * GIB);
-    let loop_device = LoopDevice(
-        run_ok(
-            "losetup",
-            ["-f".as_ref(), "--show".as_ref(), kernel_image.as_os_str()],
-        )
-        .trim()
-        .to_string(),
-    );
+    let loop_device = kernel_loop(&kernel_image);
     format_and_fill(Path::new(&loop_device.0), &mountpoint);
     drop(loop_device);
 
@@ -185,14 +158,7 @@ fn mkfs_allocation_matches_kernel_loop() {
 
     // mke2fs's default zeroes the journal with FALLOC_FL_ZERO_RANGE, which both keep allocated.
     let kernel_image = sandbox.sparse_image("kernel-default.img", 100 * GIB);
-    let loop_device = LoopDevice(
-        run_ok(
-            "losetup",
-            ["-f".as_ref(), "--show".as_ref(), kernel_image.as_os_str()],
-        )
-        .trim()
-        .to_string(),
-    );
+    let loop_device = kernel_loop(&kernel_image);
     run_ok("mkfs.ext4", ["-q", "-F", loop_device.0.as_str()]);
     drop(loop_device);
     let fuse_image = sandbox.sparse_image("fuse-default.img", 100 * GIB);

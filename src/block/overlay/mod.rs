@@ -71,14 +71,7 @@ impl Overlay {
             committing: false,
         };
         let layout = header.layout();
-        if store.len() < layout.file_len() {
-            return Err(OverlayError::BadHeader {
-                path: path.to_path_buf(),
-                field: "file size",
-                found: store.len().to_string(),
-                expected: format!("at least {}", layout.file_len()),
-            });
-        }
+        check_store_len(store.as_ref(), &layout, path)?;
 
         write_exact(store.as_ref(), 0, &header.encode())
             .and_then(|()| store.flush())

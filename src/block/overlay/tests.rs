@@ -46,18 +46,23 @@ fn fixture(bytes: Vec<u8>) -> Fixture {
     }
 }
 
-/// Opens the overlay kept in `fixture.store` again, as a new attachment would.
-fn reopen(fixture: &Fixture) -> Result<Overlay, OverlayError> {
-    let store = Arc::new(MemoryDevice::new(fixture.store.to_vec()));
-    let identity = identity_of(&fixture.base);
-    Overlay::open(
-        fixture.base.clone(),
-        store,
+/// Opens the overlay kept in `store` over `base`, as a new attachment would.
+fn open_with(base: Arc<MemoryDevice>, store: MemoryDevice) -> Result<Overlay, OverlayError> {
+    let identity = identity_of(&base);
+    let opened = Overlay::open(
+        base,
+        Arc::new(store),
         Path::new("test.overlay"),
         &identity,
         Path::new("base.img"),
-    )
-    .map(|(overlay, _)| overlay)
+    );
+    opened.map(|(overlay, _)| overlay)
+}
+
+/// Opens the overlay kept in `fixture.store` again, over the same base.
+fn reopen(fixture: &Fixture) -> Result<Overlay, OverlayError> {
+    let store = MemoryDevice::new(fixture.store.to_vec());
+    open_with(fixture.base.clone(), store)
 }
 
 fn read_all(device: &dyn BlockDevice) -> Vec<u8> {
@@ -196,16 +201,8 @@ fn overlay_write_past_end_is_enospc() {
 fn read_only_overlay_rejects_writes() {
     let fixture = fixture(pattern(BLOCK_LEN, 9));
     fixture.overlay.flush().unwrap();
-    let store = Arc::new(MemoryDevice::read_only(fixture.store.to_vec()));
-    let identity = identity_of(&fixture.base);
-    let (overlay, _) = Overlay::open(
-        fixture.base.clone(),
-        store,
-        Path::new("test.overlay"),
-        &identity,
-        Path::new("base.img"),
-    )
-    .unwrap();
+    let store = MemoryDevice::read_only(fixture.store.to_vec());
+    let overlay = open_with(fixture.base.clone(), store).unwrap();
 
     for error in [
         overlay.write_at(0, b"x").unwrap_err(),
@@ -237,17 +234,9 @@ fn overlay_seek_treats_zeroed_blocks_as_holes() {
 fn overlay_open_rejects_base_of_other_size() {
     let fixture = fixture(pattern(2 * BLOCK_LEN, 11));
     let other = MemoryDevice::read_only(pattern(3 * BLOCK_LEN, 11));
-    let identity = identity_of(&other);
+    let store = MemoryDevice::new(fixture.store.to_vec());
 
-    let store = Arc::new(MemoryDevice::new(fixture.store.to_vec()));
-    let result = Overlay::open(
-        Arc::new(other),
-        store,
-        Path::new("test.overlay"),
-        &identity,
-        Path::new("other.img"),
-    );
-    let error = result.map(|_| ()).unwrap_err();
+    let error = open_with(Arc::new(other), store).map(|_| ()).unwrap_err();
     assert!(
         matches!(
             error,
@@ -265,17 +254,9 @@ fn overlay_open_rejects_base_of_other_size() {
 fn overlay_open_rejects_base_with_other_content() {
     let fixture = fixture(pattern(2 * BLOCK_LEN, 12));
     let other = MemoryDevice::read_only(pattern(2 * BLOCK_LEN, 13));
-    let identity = identity_of(&other);
+    let store = MemoryDevice::new(fixture.store.to_vec());
 
-    let store = Arc::new(MemoryDevice::new(fixture.store.to_vec()));
-    let result = Overlay::open(
-        Arc::new(other),
-        store,
-        Path::new("test.overlay"),
-        &identity,
-        Path::new("other.img"),
-    );
-    let error = result.map(|_| ()).unwrap_err();
+    let error = open_with(Arc::new(other), store).map(|_| ()).unwrap_err();
     assert!(
         matches!(
             error,
@@ -291,7 +272,7 @@ fn overlay_open_rejects_base_with_other_content() {
         message.starts_with("test.overlay: made for another image"),
         "{message}"
     );
-    assert!(message.contains("other.img"), "{message}");
+    assert!(message.contains("base.img"), "{message}");
 }
 
 #[test]

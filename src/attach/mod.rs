@@ -239,7 +239,7 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
         return Err(explain_lock_conflict(error, registry));
     }
     if let Some(overlay_path) = &options.overlay {
-        check_overlay(&info.path, overlay_path, registry)?;
+        check_overlay(&info.path, overlay_path, options.read_only, registry)?;
     }
     environment::check_mount_possible()?;
 
@@ -251,9 +251,10 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
 fn check_overlay(
     image_path: &Path,
     overlay_path: &Path,
+    read_only: bool,
     registry: &Registry,
 ) -> Result<(), AttachError> {
-    match overlay::check_overlay(image_path, overlay_path) {
+    match overlay::check_overlay(image_path, overlay_path, read_only) {
         Ok(false) => Ok(()),
         Ok(true) => {
             log::warn!(

@@ -101,15 +101,24 @@ fn copy_blocks(
     let mut report = CommitReport::default();
     progress(0, total);
 
+    let mut advance = |report: &CommitReport| progress(report.copied + report.zeroed, total);
     for (state, start, end) in runs {
+        let range = Range { start, end };
         match state {
-            BlockState::Data => copy_run(store, base, layout.data_offset, start, end, &mut report)?,
+            BlockState::Data => copy_run(
+                store,
+                base,
+                layout.data_offset,
+                range,
+                &mut report,
+                &mut advance,
+            )?,
             _ => {
                 zero_base(base, start, end - start)?;
                 report.zeroed += end - start;
+                advance(&report);
             }
         }
-        progress(report.copied + report.zeroed, total);
     }
     Ok(report)
 }
@@ -131,17 +140,25 @@ fn changed_runs(map: &BlockMap, layout: &Layout) -> Vec<(BlockState, u64, u64)> 
     runs
 }
 
-/// Copies `start..end` of the device from the overlay's data area into the base. Holes in
-/// the data area (a block cleared and then partly written) become holes in the base.
+/// A byte range of the device.
+struct Range {
+    start: u64,
+    end: u64,
+}
+
+/// Copies a range of the device from the overlay's data area into the base, calling
+/// `advance` after each piece. Holes in the data area (a block cleared and then partly
+/// written) become holes in the base.
 fn copy_run(
     store: &Image,
     base: &Image,
     data_offset: u64,
-    start: u64,
-    end: u64,
+    range: Range,
     report: &mut CommitReport,
+    advance: &mut dyn FnMut(&CommitReport),
 ) -> io::Result<()> {
     let mut buffer = vec![0u8; COPY_CHUNK as usize];
+    let Range { start, end } = range;
     let mut position = start;
 
     while position < end {
@@ -150,6 +167,7 @@ fn copy_run(
         if data > position {
             zero_base(base, position, data - position)?;
             report.zeroed += data - position;
+            advance(report);
         }
         if data >= end {
             break;
@@ -162,8 +180,9 @@ fn copy_run(
             read_exact(store, data_offset + offset, &mut buffer[..piece])?;
             write_exact(base, offset, &buffer[..piece])?;
             offset += piece as u64;
+            report.copied += piece as u64;
+            advance(report);
         }
-        report.copied += hole - data;
         position = hole;
     }
     Ok(())

@@ -64,12 +64,7 @@ pub fn open_overlay(
         });
     }
 
-    let access = if read_only {
-        Access::ReadOnly
-    } else {
-        Access::ReadWrite
-    };
-    let store = Arc::new(Image::open(overlay_path, access)?);
+    let store = Arc::new(Image::open(overlay_path, access_of(read_only))?);
     let base_path = base.path().to_path_buf();
     let (overlay, base_file_differs) =
         Overlay::open(base, store, overlay_path, &identity, &base_path)?;
@@ -81,19 +76,24 @@ pub fn open_overlay(
     })
 }
 
-/// Checks, without changing anything, that the overlay at `overlay_path` (if it holds one)
-/// fits the image at `base_path` and that neither file is locked by a writer.
+/// Checks, without changing anything, that the overlay at `overlay_path` (if it contains one)
+/// fits the image at `base_path`, that the image is not locked by a writer, and that the
+/// overlay is not locked against the access that `read_only` requests.
 ///
 /// Returns whether the base file differs from the one the overlay was made on, as
 /// [`OpenedOverlay::base_file_differs`].
-pub fn check_overlay(base_path: &Path, overlay_path: &Path) -> Result<bool, OverlayError> {
+pub fn check_overlay(
+    base_path: &Path,
+    overlay_path: &Path,
+    read_only: bool,
+) -> Result<bool, OverlayError> {
     if file_state(overlay_path)? != FileState::Holds {
         return Ok(false);
     }
 
     let base = Image::open(base_path, Access::ReadOnly)?;
     let identity = identity_of(&base)?;
-    let store = Image::open(overlay_path, Access::ReadOnly)?;
+    let store = Image::open(overlay_path, access_of(read_only))?;
     let header = read_header(&store, overlay_path)?;
     if header.committing {
         return Err(OverlayError::InterruptedCommit {
@@ -103,6 +103,14 @@ pub fn check_overlay(base_path: &Path, overlay_path: &Path) -> Result<bool, Over
     }
 
     header.base.check(&identity, overlay_path, base.path())
+}
+
+fn access_of(read_only: bool) -> Access {
+    if read_only {
+        Access::ReadOnly
+    } else {
+        Access::ReadWrite
+    }
 }
 
 /// Computes the identity of an opened base image.

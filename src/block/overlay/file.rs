@@ -41,6 +41,7 @@ pub fn open_overlay(
     mode: OverlayMode,
     read_only: bool,
 ) -> Result<OpenedOverlay, OverlayError> {
+    // NOTE: the SIGBUS message names the base image even when the overlay file is truncated.
     let base = Arc::new(Image::open(base_path, Access::ReadOnly)?);
     let identity = identity_of(&base)?;
 

@@ -8,7 +8,10 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::time::Duration;
 
-use common::{Sandbox, is_root, pattern, run, run_ok, sha256, wait_until};
+use common::{
+    Fuse2fs, Sandbox, assert_chunks_intact, is_root, kernel_loop, pattern, run_ok,
+    seeded_fio_writes, sha256, small_tmpfs, wait_until, write_until_full,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -67,42 +70,6 @@ fn fuse2fs_files_survive_reattach() {
 
     run_ok("e2fsck", ["-fn".as_ref(), image.as_os_str()]);
     sandbox.assert_clean();
-}
-
-/// A `fuse2fs` mount of a device file, unmounted on drop.
-struct Fuse2fs {
-    mountpoint: std::path::PathBuf,
-}
-
-impl Fuse2fs {
-    fn mount(device: &std::path::Path, mountpoint: &std::path::Path, mode: &str) -> Self {
-        // fakeroot lets an unprivileged user create files owned by the filesystem's root.
-        let options = format!("{mode},fakeroot");
-        run_ok(
-            "fuse2fs",
-            [
-                device.as_os_str(),
-                mountpoint.as_os_str(),
-                "-o".as_ref(),
-                options.as_ref(),
-            ],
-        );
-        Self {
-            mountpoint: mountpoint.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Fuse2fs {
-    fn drop(&mut self) {
-        let output = run("fusermount3", ["-u".as_ref(), self.mountpoint.as_os_str()]);
-        if !output.status.success() {
-            let _ = run(
-                "fusermount3",
-                ["-u".as_ref(), "-z".as_ref(), self.mountpoint.as_os_str()],
-            );
-        }
-    }
 }
 
 #[test]
@@ -282,11 +249,7 @@ fn fio_workload_matches_kernel_loop() {
     let kernel_image = sandbox.sparse_image("kernel.img", 64 * MIB);
     let fuse_image = sandbox.sparse_image("fuse.img", 64 * MIB);
 
-    let loop_device = run_ok(
-        "losetup",
-        ["-f".as_ref(), "--show".as_ref(), kernel_image.as_os_str()],
-    );
-    let loop_device = LoopDevice(loop_device.trim().to_string());
+    let loop_device = kernel_loop(&kernel_image);
     seeded_fio_writes(std::path::Path::new(&loop_device.0));
     drop(loop_device);
 
@@ -296,36 +259,6 @@ fn fio_workload_matches_kernel_loop() {
 
     assert_eq!(sha256(&fuse_image), sha256(&kernel_image));
     sandbox.assert_clean();
-}
-
-/// A kernel loop device, detached on drop.
-struct LoopDevice(String);
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = run("losetup", ["-d", self.0.as_str()]);
-    }
-}
-
-fn seeded_fio_writes(target: &std::path::Path) {
-    let filename = format!("--filename={}", target.display());
-    run_ok(
-        "fio",
-        [
-            "--name=oracle",
-            filename.as_str(),
-            "--rw=randrw",
-            "--rwmixwrite=70",
-            "--bsrange=512-64k",
-            "--size=48M",
-            "--io_size=24M",
-            "--randseed=20261204",
-            "--randrepeat=1",
-            "--refill_buffers=1",
-            "--ioengine=psync",
-            "--end_fsync=1",
-        ],
-    );
 }
 
 #[test]
@@ -469,63 +402,18 @@ fn full_backing_filesystem_answers_enospc() {
     let Some(sandbox) = Sandbox::new(test, &[]) else {
         return;
     };
-    let small = sandbox.path("small");
-    fs::create_dir(&small).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &small,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=8m"),
-    )
-    .unwrap();
-    let _tmpfs = Unmount(small.clone());
-
+    let (small, _tmpfs) = small_tmpfs(&sandbox);
     let image = small.join("disk.img");
     fs::File::create(&image).unwrap().set_len(64 * MIB).unwrap();
     let device = sandbox.attach([&image]);
-    let file = OpenOptions::new().write(true).open(&device).unwrap();
 
-    let chunk = pattern(MIB as usize, 6);
-    let mut written = Vec::new();
-    let mut failure = None;
-    for index in 0..16u64 {
-        match file
-            .write_all_at(&chunk, index * MIB)
-            .and_then(|()| file.sync_data())
-        {
-            Ok(()) => written.push(index),
-            Err(error) => {
-                failure = Some(error);
-                break;
-            }
-        }
-    }
-    let failure = failure.expect("writing 16 MiB into an 8 MiB tmpfs must fail");
-    assert_eq!(failure.raw_os_error(), Some(libc::ENOSPC), "{failure}");
-    assert!(!written.is_empty());
-    drop(file);
+    let (chunk, written) = write_until_full(&device);
 
     // The daemon lives on and every write that succeeded reads back intact.
     assert_eq!(sandbox.list()[0]["state"], "attached");
-    let reader = fs::File::open(&device).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    for index in written {
-        reader.read_exact_at(&mut buf, index * MIB).unwrap();
-        assert!(buf == chunk, "chunk {index} differs");
-    }
-    drop(reader);
+    assert_chunks_intact(&device, &chunk, &written);
     sandbox.detach(&device);
     sandbox.assert_clean();
-}
-
-/// A mount made by a test, lazily unmounted on drop.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 #[test]

@@ -7,35 +7,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use common::{Sandbox, find_tool, is_root, pattern, run_ok};
+use common::{Sandbox, is_root, pattern, run_ok, sfdisk};
 
 const MIB: u64 = 1 << 20;
-
-/// Writes a partition table with `sfdisk`, reading `script` from standard input.
-fn sfdisk(target: &Path, script: &str) {
-    let mut child = Command::new(find_tool("sfdisk").unwrap())
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(target)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "sfdisk failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 /// Partition `(number, start, size)` in bytes as util-linux reads them from `image`.
 fn partx(image: &Path) -> Vec<(u32, u64, u64)> {

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -11,6 +12,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use super::partitions::PartitionScanner;
 use super::{AttachError, AttachOptions, device_range};
+use crate::block::overlay::{OverlayMode, open_overlay};
 use crate::block::{BlockDevice, Window};
 use crate::fs::{DeviceFs, DeviceTable, Owner};
 use crate::image::{Access, Image};
@@ -117,7 +119,12 @@ pub fn serve(
         log::error!("{name}: FUSE session ended with an error: {error}");
     }
 
-    let flushed = disk.flush();
+    // A snapshot is removed with the registry entry, so flushing it would only cost time.
+    let flushed = if options.snapshot {
+        Ok(())
+    } else {
+        disk.flush()
+    };
     match &flushed {
         Ok(()) => log::info!("{name}: flushed and detached {}", image.display()),
         Err(error) => log::error!("{name}: flushing {} failed: {error}", image.display()),
@@ -148,15 +155,12 @@ fn stop_signals() -> SigSet {
     signals
 }
 
-/// Opens the image, builds the device files and mounts them; updates the state file.
+/// Opens the image (and its overlay), builds the device files and mounts them; updates the
+/// state file.
 fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mounted, AttachError> {
-    let access = if options.read_only {
-        Access::ReadOnly
-    } else {
-        Access::ReadWrite
-    };
-    let image = Arc::new(Image::open(&options.image, access)?);
-    let image_path = image.path().to_path_buf();
+    let overlay_path = overlay_path(options, registry, name);
+    let image = open_device(options, overlay_path.as_deref(), name)?;
+    let image_path = std::path::absolute(&options.image).unwrap_or_else(|_| options.image.clone());
     let (offset, size, _) = device_range(options, image.len())?;
 
     let disk: Arc<dyn BlockDevice> = if offset == 0 && size == image.len() {
@@ -207,7 +211,7 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
     )?;
 
     let _ = notifier.set(session.notifier());
-    record_attached(registry, name)?;
+    record_attached(registry, name, overlay_path)?;
 
     Ok(Mounted {
         session,
@@ -217,10 +221,61 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
     })
 }
 
-fn record_attached(registry: &Registry, name: &str) -> Result<(), AttachError> {
+/// Returns the overlay file of the attachment: the one given, or the snapshot's in the
+/// registry.
+fn overlay_path(options: &AttachOptions, registry: &Registry, name: &str) -> Option<PathBuf> {
+    if options.snapshot {
+        return Some(registry.snapshot_path(name));
+    }
+    let path = options.overlay.as_ref()?;
+    Some(std::path::absolute(path).unwrap_or_else(|_| path.clone()))
+}
+
+/// Opens the whole device: the image, or the image seen through its overlay.
+fn open_device(
+    options: &AttachOptions,
+    overlay_path: Option<&Path>,
+    name: &str,
+) -> Result<Arc<dyn BlockDevice>, AttachError> {
+    let Some(overlay_path) = overlay_path else {
+        let access = if options.read_only {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        };
+        return Ok(Arc::new(Image::open(&options.image, access)?));
+    };
+
+    let mode = if options.snapshot {
+        OverlayMode::Replace
+    } else {
+        OverlayMode::OpenOrCreate
+    };
+    let opened = open_overlay(&options.image, overlay_path, mode, options.read_only)?;
+    if opened.base_file_differs {
+        log::warn!(
+            "{name}: {} is not the file the overlay {} was made on, but its size and first and last MiB match",
+            options.image.display(),
+            overlay_path.display()
+        );
+    }
+    log::info!(
+        "{name}: writes go to the overlay {} ({})",
+        overlay_path.display(),
+        if opened.created { "new" } else { "continued" }
+    );
+    Ok(Arc::new(opened.overlay))
+}
+
+fn record_attached(
+    registry: &Registry,
+    name: &str,
+    overlay_path: Option<PathBuf>,
+) -> Result<(), AttachError> {
     let mut state = registry.find(name)?.state;
     state.stage = Stage::Attached;
     state.pid = ProcessId::current();
+    state.overlay = overlay_path;
     registry.write_state(&state)?;
     Ok(())
 }

@@ -23,6 +23,7 @@ pub use detach::{DetachError, detach, detach_all};
 pub use environment::EnvironmentError;
 pub use partitions::{RescanError, rescan};
 
+use crate::block::overlay::{self, OverlayError};
 use crate::fs::CacheMode;
 use crate::image::{self, Access, ImageError};
 use crate::registry::{AttachmentState, ProcessId, Registry, RegistryError, Stage};
@@ -53,6 +54,10 @@ pub struct AttachOptions {
     pub allow_other: bool,
     /// How the kernel caches the device files' data.
     pub cache: CacheMode,
+    /// Overlay file that receives every write, leaving the image unchanged.
+    pub overlay: Option<PathBuf>,
+    /// Whether to write to a new overlay in the registry, removed at detach.
+    pub snapshot: bool,
 }
 
 impl AttachOptions {
@@ -67,11 +72,19 @@ impl AttachOptions {
             sector_size: 512,
             allow_other: false,
             cache: CacheMode::default(),
+            overlay: None,
+            snapshot: false,
         }
     }
 
-    fn access(&self) -> Access {
-        if self.read_only {
+    /// Returns whether writes go to an overlay instead of the image.
+    pub fn uses_overlay(&self) -> bool {
+        self.overlay.is_some() || self.snapshot
+    }
+
+    /// Access to the image itself: read-only under an overlay, which takes the writes.
+    fn image_access(&self) -> Access {
+        if self.read_only || self.uses_overlay() {
             Access::ReadOnly
         } else {
             Access::ReadWrite
@@ -91,6 +104,9 @@ pub enum AttachError {
 
     #[error(transparent)]
     Registry(#[from] RegistryError),
+
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
 
     #[error("{}: offset {offset} is at or past the end of the image ({len} bytes); give a smaller --offset", path.display())]
     OffsetPastEnd {
@@ -217,8 +233,11 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
         ..options.clone()
     };
     let (offset, size, cut) = device_range(options, info.len)?;
-    if let Err(error) = image::check_unlocked(&info.path, options.access()) {
+    if let Err(error) = image::check_unlocked(&info.path, options.image_access()) {
         return Err(explain_lock_conflict(error, registry));
+    }
+    if let Some(overlay_path) = &options.overlay {
+        check_overlay(&info.path, overlay_path, options.read_only, registry)?;
     }
     environment::check_mount_possible()?;
 
@@ -235,22 +254,48 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
     Ok((offset, size))
 }
 
+/// Checks that the overlay at `overlay_path` fits the image and is not in use, and warns when
+/// the image file is another one than the overlay was made on (a copy, or a touched file).
+fn check_overlay(
+    image_path: &Path,
+    overlay_path: &Path,
+    read_only: bool,
+    registry: &Registry,
+) -> Result<(), AttachError> {
+    match overlay::check_overlay(image_path, overlay_path, read_only) {
+        Ok(false) => Ok(()),
+        Ok(true) => {
+            log::warn!(
+                "{}: not the file the overlay {} was made on, but its size and first and last MiB match; continuing as if it were an unchanged copy",
+                image_path.display(),
+                overlay_path.display()
+            );
+            Ok(())
+        }
+        Err(OverlayError::Image(error)) => Err(explain_lock_conflict(error, registry)),
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// Replaces a lock conflict with one naming the attachment that holds the lock, when the
-/// registry lists it.
+/// registry lists it as the image or the overlay of an attachment.
 fn explain_lock_conflict(error: ImageError, registry: &Registry) -> AttachError {
     let ImageError::Locked { path, .. } = &error else {
         return error.into();
     };
-    let holder = registry
-        .list()
-        .ok()
-        .and_then(|entries| entries.into_iter().find(|entry| &entry.state.image == path));
+    let holder = registry.list().ok().and_then(|entries| {
+        entries
+            .into_iter()
+            .find(|entry| &entry.state.image == path || entry.state.overlay.as_ref() == Some(path))
+    });
 
     match holder {
         Some(entry) => AttachError::AlreadyAttached {
             path: path.clone(),
+            // An image under an overlay is opened read-only, whatever the device allows.
+            read_only: entry.state.read_only
+                || (&entry.state.image == path && entry.state.overlay.is_some()),
             name: entry.state.name,
-            read_only: entry.state.read_only,
         },
         None => error.into(),
     }
@@ -267,6 +312,11 @@ fn initial_state(options: &AttachOptions, offset: u64, size: u64) -> AttachmentS
         read_only: options.read_only,
         partscan: options.partscan,
         sector_size: options.sector_size,
+        overlay: options
+            .overlay
+            .as_ref()
+            .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone())),
+        snapshot: options.snapshot,
         pid: ProcessId::current(),
         partition_table: None,
         partitions: Vec::new(),
@@ -399,10 +449,15 @@ fn daemon_arguments(options: &AttachOptions) -> Vec<String> {
     if let Some(limit) = options.sizelimit {
         arguments.extend(["--sizelimit".to_string(), limit.to_string()]);
     }
+    if let Some(overlay) = &options.overlay {
+        arguments.push("--overlay".to_string());
+        arguments.push(overlay.to_string_lossy().into_owned());
+    }
     for (enabled, flag) in [
         (options.read_only, "--read-only"),
         (options.partscan, "--partscan"),
         (options.allow_other, "--allow-other"),
+        (options.snapshot, "--snapshot"),
     ] {
         if enabled {
             arguments.push(flag.to_string());

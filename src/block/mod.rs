@@ -1,16 +1,21 @@
 //! Block devices: the byte-addressed view that the FUSE layer serves.
 //!
 //! A [`BlockDevice`] has a fixed length and positional reads and writes. The mapped image
-//! implements it, and [`Window`] exposes a byte range of another device (an `--offset`
-//! attachment or a partition). This module does not depend on FUSE or the command line.
+//! implements it, [`Window`] exposes a byte range of another device (an `--offset`
+//! attachment or a partition), and [`Overlay`] keeps the writes to a read-only base device in
+//! a copy-on-write overlay file. This module does not depend on FUSE or the command line.
 #![forbid(unsafe_code)]
 
 use std::io;
 use std::sync::Arc;
 
+mod allocation;
 mod memory;
+pub mod overlay;
 
+pub use allocation::{AllocationCache, allocated_sectors_in};
 pub use memory::MemoryDevice;
+pub use overlay::Overlay;
 
 /// A fixed-size device with positional I/O.
 ///
@@ -82,6 +87,7 @@ pub struct Window {
     inner: Arc<dyn BlockDevice>,
     start: u64,
     len: u64,
+    allocation: AllocationCache,
 }
 
 impl Window {
@@ -91,7 +97,12 @@ impl Window {
     pub fn new(inner: Arc<dyn BlockDevice>, start: u64, len: u64) -> io::Result<Self> {
         check_range(start, len, inner.len())?;
 
-        Ok(Self { inner, start, len })
+        Ok(Self {
+            inner,
+            start,
+            len,
+            allocation: AllocationCache::default(),
+        })
     }
 
     /// Offset of the window inside the underlying device.
@@ -181,9 +192,9 @@ impl BlockDevice for Window {
     }
 
     fn allocated_sectors(&self) -> io::Result<u64> {
-        // NOTE: reports the whole backing file's allocation, not just this window's, because
-        // counting a range would need a SEEK_DATA/SEEK_HOLE walk on every stat.
-        self.inner.allocated_sectors()
+        let (start, end) = (self.start, self.start + self.len);
+        self.allocation
+            .get_or_count(|| allocated_sectors_in(self.inner.as_ref(), start, end))
     }
 }
 

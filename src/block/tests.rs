@@ -79,3 +79,22 @@ fn read_only_device_rejects_writes_with_erofs() {
     let error = device.write_at(0, b"x").unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::EROFS));
 }
+
+#[test]
+fn window_counts_only_its_allocation() {
+    use crate::image::{Access, Image};
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(4 << 20).unwrap();
+    let image = Arc::new(Image::open(file.path(), Access::ReadWrite).unwrap());
+    image.write_at(1 << 20, &[1; 64 << 10]).unwrap();
+    image.write_at(3 << 20, &[2; 128 << 10]).unwrap();
+
+    let first = Window::new(image.clone(), 0, 2 << 20).unwrap();
+    let second = Window::new(image.clone(), 2 << 20, 2 << 20).unwrap();
+    let empty = Window::new(image, 1 << 21, 1 << 20).unwrap();
+
+    assert_eq!(first.allocated_sectors().unwrap(), (64 << 10) / 512);
+    assert_eq!(second.allocated_sectors().unwrap(), (128 << 10) / 512);
+    assert_eq!(empty.allocated_sectors().unwrap(), 0);
+}

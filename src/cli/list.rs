@@ -16,6 +16,10 @@ struct ListedAttachment<'a> {
     read_only: bool,
     partscan: bool,
     sector_size: u32,
+    /// Overlay file that receives the writes, or null when they go to the image.
+    overlay: Option<String>,
+    /// Whether the overlay is a snapshot's, removed at detach.
+    snapshot: bool,
     pid: i32,
     state: &'static str,
     cache: &'a str,
@@ -56,6 +60,12 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
         read_only: entry.state.read_only,
         partscan: entry.state.partscan,
         sector_size: entry.state.sector_size,
+        overlay: entry
+            .state
+            .overlay
+            .as_ref()
+            .map(|path| path.display().to_string()),
+        snapshot: entry.state.snapshot,
         pid: entry.state.pid.pid,
         state: state_of(entry),
         cache: &entry.state.cache,
@@ -95,9 +105,9 @@ pub fn to_json(entries: &[Entry]) -> Result<String, serde_json::Error> {
 
 /// Column headings of the table, in order. Partition rows are named `loopNpM`; their OFFSET is
 /// the partition's start inside the image, and TYPE is the partition type (the table type,
-/// MBR or GPT, on the disk row).
-const COLUMNS: [&str; 9] = [
-    "NAME", "SIZE", "OFFSET", "RO", "PID", "STATE", "TYPE", "IMAGE", "DEVICE",
+/// MBR or GPT, on the disk row). OVERLAY is the overlay file, `-` when writes go to the image.
+const COLUMNS: [&str; 10] = [
+    "NAME", "SIZE", "OFFSET", "RO", "PID", "STATE", "TYPE", "IMAGE", "OVERLAY", "DEVICE",
 ];
 
 /// Renders `entries` as a table with aligned columns; the last column is not padded.
@@ -108,6 +118,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
     }
     for entry in entries {
         let item = listed(entry);
+        let overlay = item.overlay.clone().unwrap_or_else(|| "-".to_string());
         rows.push(vec![
             item.name.to_string(),
             item.size.to_string(),
@@ -117,6 +128,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
             item.state.to_string(),
             item.partition_table.unwrap_or("-").to_string(),
             item.image.clone(),
+            overlay.clone(),
             item.device.clone(),
         ]);
         for partition in &item.partitions {
@@ -129,6 +141,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
                 "partition".to_string(),
                 partition.type_name.clone(),
                 item.image.clone(),
+                overlay.clone(),
                 partition.device.clone(),
             ]);
         }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod list;
+mod progress;
 mod size;
 
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::attach::{self, AttachOptions, SECTOR_SIZES};
+use crate::block::overlay;
 use crate::fs::CacheMode;
 use crate::registry::Registry;
 pub use size::parse_size;
@@ -41,6 +43,8 @@ pub enum Command {
     List(ListArgs),
     /// Re-read the partition table of an attachment made with --partscan.
     Rescan(RescanArgs),
+    /// Write the changes kept in an overlay into its image, then empty the overlay.
+    Commit(CommitArgs),
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
     Daemon(DaemonArgs),
@@ -81,6 +85,15 @@ pub struct DeviceArgs {
     #[arg(long)]
     pub allow_other: bool,
 
+    /// Keep the image unchanged and write to this overlay file instead. The file is created
+    /// when missing or empty, and continued when it contains an overlay of this image.
+    #[arg(long, value_name = "FILE", conflicts_with = "snapshot")]
+    pub overlay: Option<PathBuf>,
+
+    /// Keep the image unchanged and write to a temporary overlay, removed at detach.
+    #[arg(long, conflicts_with = "read_only")]
+    pub snapshot: bool,
+
     /// The raw image file (or block device) to attach.
     pub image: PathBuf,
 }
@@ -96,6 +109,8 @@ impl DeviceArgs {
             sector_size: self.sector_size,
             allow_other: self.allow_other,
             cache: self.cache,
+            overlay: self.overlay.clone(),
+            snapshot: self.snapshot,
         }
     }
 }
@@ -144,6 +159,15 @@ pub struct RescanArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// The overlay file, made by 'attach --overlay'.
+    pub overlay: PathBuf,
+
+    /// The image the overlay was made for; it must not be attached.
+    pub image: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// Name reserved by 'attach'.
     #[arg(long)]
@@ -180,6 +204,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Detach(args) => run_detach(&args),
         Command::List(args) => run_list(&args),
         Command::Rescan(args) => run_rescan(&args),
+        Command::Commit(args) => run_commit(&args),
         Command::Daemon(args) => run_daemon(&args),
     };
 
@@ -254,6 +279,24 @@ fn run_list(args: &ListArgs) -> CommandResult {
 fn run_rescan(args: &RescanArgs) -> CommandResult {
     let registry = Registry::for_current_user()?;
     attach::rescan(&registry, &args.target)?;
+    Ok(())
+}
+
+fn run_commit(args: &CommitArgs) -> CommandResult {
+    let mut bar = progress::Progress::on_stderr("committing");
+    let result = overlay::commit(&args.overlay, &args.image, &mut |done, total| {
+        bar.update(done, total)
+    });
+    bar.finish();
+
+    let report = result?;
+    println!(
+        "{}: wrote {} bytes of data and {} bytes of zeroes into {}",
+        args.overlay.display(),
+        report.copied,
+        report.zeroed,
+        args.image.display()
+    );
     Ok(())
 }
 

@@ -2,8 +2,8 @@
 //!
 //! The registry is a directory (`$XDG_RUNTIME_DIR/loopfuse`, or a private 0700 directory
 //! under the temporary directory when that variable is unset) holding, for an attachment
-//! named `loopN`: the mount point `loopN/`, the state file `loopN.json` and the daemon's log
-//! `loopN.log`. Names are allocated under an `flock` on the directory, lowest number first.
+//! named `loopN`: the mount point `loopN/`, the state file `loopN.json`, the daemon's log
+//! `loopN.log` and, for a `--snapshot`, its overlay `loopN.overlay`. Names are allocated under an `flock` on the directory, lowest number first.
 //! This module does not depend on FUSE internals.
 #![forbid(unsafe_code)]
 
@@ -83,6 +83,12 @@ pub struct AttachmentState {
     pub partscan: bool,
     /// Logical sector size used for partition tables.
     pub sector_size: u32,
+    /// Absolute path of the overlay file that receives the writes, if any.
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
+    /// Whether the overlay is a snapshot's, removed with the entry.
+    #[serde(default)]
+    pub snapshot: bool,
     /// Process that owns the entry (see [`Stage`]).
     pub pid: ProcessId,
     /// Partition table found by the last scan: "MBR", "GPT", or `None`.
@@ -221,6 +227,11 @@ impl Registry {
         self.root.join(format!("{name}.log"))
     }
 
+    /// Overlay file of the attachment `name` when it was made with `--snapshot`.
+    pub fn snapshot_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.overlay"))
+    }
+
     fn state_path(&self, name: &str) -> PathBuf {
         self.root.join(format!("{name}.json"))
     }
@@ -280,12 +291,18 @@ impl Registry {
         Ok(())
     }
 
-    /// Removes the state, log and mount point of `name`, ignoring parts already gone.
+    /// Removes the state, log, snapshot overlay and mount point of `name`, ignoring parts
+    /// already gone.
     ///
     /// The mount point is only removed when it is an empty directory, so this never touches
     /// a mounted filesystem.
     pub fn remove(&self, name: &str) {
-        for path in [self.state_path(name), self.log_path(name)] {
+        let files = [
+            self.state_path(name),
+            self.log_path(name),
+            self.snapshot_path(name),
+        ];
+        for path in files {
             if let Err(error) = fs::remove_file(&path)
                 && error.kind() != io::ErrorKind::NotFound
             {

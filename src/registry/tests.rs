@@ -11,6 +11,8 @@ fn state(image: &str) -> AttachmentState {
         read_only: false,
         partscan: false,
         sector_size: 512,
+        overlay: None,
+        snapshot: false,
         pid: ProcessId::current(),
         partition_table: None,
         partitions: Vec::new(),

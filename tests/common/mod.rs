@@ -335,3 +335,172 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
     condition()
 }
+
+/// A `fuse2fs` mount of a device file, unmounted on drop.
+pub struct Fuse2fs {
+    mountpoint: PathBuf,
+}
+
+impl Fuse2fs {
+    pub fn mount(device: &Path, mountpoint: &Path, mode: &str) -> Self {
+        // fakeroot lets an unprivileged user create files owned by the filesystem's root.
+        let options = format!("{mode},fakeroot");
+        run_ok(
+            "fuse2fs",
+            [
+                device.as_os_str(),
+                mountpoint.as_os_str(),
+                "-o".as_ref(),
+                options.as_ref(),
+            ],
+        );
+        Self {
+            mountpoint: mountpoint.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Fuse2fs {
+    fn drop(&mut self) {
+        let output = run("fusermount3", ["-u".as_ref(), self.mountpoint.as_os_str()]);
+        if !output.status.success() {
+            let _ = run(
+                "fusermount3",
+                ["-u".as_ref(), "-z".as_ref(), self.mountpoint.as_os_str()],
+            );
+        }
+    }
+}
+
+/// A kernel loop device, detached on drop.
+pub struct LoopDevice(pub String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = run("losetup", ["-d", self.0.as_str()]);
+    }
+}
+
+/// Runs a seeded random read and write workload on `target`: the same offsets and bytes on
+/// every run, so two targets that start equal end equal.
+pub fn seeded_fio_writes(target: &Path) {
+    let filename = format!("--filename={}", target.display());
+    run_ok(
+        "fio",
+        [
+            "--name=oracle",
+            filename.as_str(),
+            "--rw=randrw",
+            "--rwmixwrite=70",
+            "--bsrange=512-64k",
+            "--size=48M",
+            "--io_size=24M",
+            "--randseed=20261204",
+            "--randrepeat=1",
+            "--refill_buffers=1",
+            "--ioengine=psync",
+            "--end_fsync=1",
+        ],
+    );
+}
+
+/// A mount made by a test, lazily unmounted on drop.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Writes a partition table with `sfdisk`, reading `script` from standard input.
+pub fn sfdisk(target: &Path, script: &str) {
+    use std::io::Write;
+
+    let mut child = std::process::Command::new(find_tool("sfdisk").unwrap())
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(target)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "sfdisk failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Mounts an 8 MiB tmpfs at `small` in the sandbox (root only), unmounted when the returned
+/// guard drops.
+pub fn small_tmpfs(sandbox: &Sandbox) -> (PathBuf, Unmount) {
+    let small = sandbox.path("small");
+    fs::create_dir(&small).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &small,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=8m"),
+    )
+    .unwrap();
+    (small.clone(), Unmount(small))
+}
+
+/// Writes 1 MiB chunks of one pattern to `device` with `fdatasync` after each, until a write
+/// fails, and asserts that it failed with `ENOSPC` before 16 MiB. Returns the chunk and the
+/// indexes of the chunks written.
+pub fn write_until_full(device: &Path) -> (Vec<u8>, Vec<u64>) {
+    use std::os::unix::fs::FileExt;
+
+    let file = fs::OpenOptions::new().write(true).open(device).unwrap();
+    let chunk = pattern(1 << 20, 6);
+    let mut written = Vec::new();
+    let mut failure = None;
+    for index in 0..16u64 {
+        match file
+            .write_all_at(&chunk, index << 20)
+            .and_then(|()| file.sync_data())
+        {
+            Ok(()) => written.push(index),
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+
+    let failure = failure.expect("writing 16 MiB into an 8 MiB tmpfs must fail");
+    assert_eq!(failure.raw_os_error(), Some(libc::ENOSPC), "{failure}");
+    assert!(!written.is_empty());
+    (chunk, written)
+}
+
+/// Asserts that each chunk of `written` reads back from `device` as `chunk`.
+pub fn assert_chunks_intact(device: &Path, chunk: &[u8], written: &[u64]) {
+    use std::os::unix::fs::FileExt;
+
+    let reader = fs::File::open(device).unwrap();
+    let mut buf = vec![0u8; chunk.len()];
+    for &index in written {
+        reader.read_exact_at(&mut buf, index << 20).unwrap();
+        assert!(buf == chunk, "chunk {index} differs");
+    }
+}
+
+/// Attaches `image` to a free kernel loop device (root only).
+pub fn kernel_loop(image: &Path) -> LoopDevice {
+    let name = run_ok(
+        "losetup",
+        ["-f".as_ref(), "--show".as_ref(), image.as_os_str()],
+    );
+    LoopDevice(name.trim().to_string())
+}

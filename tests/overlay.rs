@@ -1,0 +1,312 @@
+//! Copy-on-write overlays. `attach --overlay` and `--snapshot` never change the image. An
+//! overlay shows the same bytes as writing to a copy of the image and keeps every fsynced
+//! write when its daemon is killed, and `commit` folds it into the image it was made for.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    Sandbox, assert_chunks_intact, is_root, pattern, seeded_fio_writes, sfdisk, sha256,
+    small_tmpfs, wait_until, write_until_full,
+};
+use nix::fcntl::{FallocateFlags, fallocate};
+
+const MIB: u64 = 1 << 20;
+
+/// Creates a 64 MiB sparse image with patterned data in its first and last MiB and in a few
+/// places between.
+fn base_image(sandbox: &Sandbox, name: &str, seed: u64) -> std::path::PathBuf {
+    let image = sandbox.sparse_image(name, 64 * MIB);
+    let file = OpenOptions::new().write(true).open(&image).unwrap();
+    for (index, offset) in [0, 5 * MIB, 20 * MIB + 4096, 63 * MIB]
+        .into_iter()
+        .enumerate()
+    {
+        file.write_all_at(&pattern(MIB as usize, seed + index as u64), offset)
+            .unwrap();
+    }
+    image
+}
+
+/// Kills the daemon of `name` with SIGKILL and waits until `list` shows it stale.
+fn kill_daemon(sandbox: &Sandbox, name: &str) {
+    let pid = sandbox.daemon_pid(name);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || sandbox.list()[0]["state"] == "stale"
+    ));
+}
+
+fn overlay_args<'a>(overlay: &'a Path, image: &'a Path) -> [&'a std::ffi::OsStr; 3] {
+    ["--overlay".as_ref(), overlay.as_os_str(), image.as_os_str()]
+}
+
+#[test]
+fn overlay_matches_direct_fio_writes() {
+    let Some(sandbox) = Sandbox::new("overlay_matches_direct_fio_writes", &["fio"]) else {
+        return;
+    };
+    let image = base_image(&sandbox, "base.img", 1);
+    let copy = sandbox.path("copy.img");
+    fs::copy(&image, &copy).unwrap();
+    let before = sha256(&image);
+    let overlay = sandbox.path("changes.overlay");
+
+    let device = sandbox.attach([&copy]);
+    seeded_fio_writes(&device);
+    sandbox.detach(&device);
+
+    let device = sandbox.attach(overlay_args(&overlay, &image));
+    assert_eq!(sandbox.list()[0]["overlay"], overlay.to_str().unwrap());
+    seeded_fio_writes(&device);
+    assert_eq!(sha256(&device), sha256(&copy), "overlay view differs");
+    sandbox.detach(&device);
+
+    assert_eq!(sha256(&image), before, "image changed");
+    let device = sandbox.attach(overlay_args(&overlay, &image));
+    assert_eq!(sha256(&device), sha256(&copy), "reattached overlay differs");
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
+#[test]
+fn overlay_keeps_fsynced_writes_after_kill() {
+    let Some(sandbox) = Sandbox::new("overlay_keeps_fsynced_writes_after_kill", &[]) else {
+        return;
+    };
+    let image = base_image(&sandbox, "base.img", 2);
+    let before = sha256(&image);
+    let overlay = sandbox.path("changes.overlay");
+    let first = pattern(3 * MIB as usize, 20);
+    let second = pattern(100_000, 21);
+
+    let device = sandbox.attach(overlay_args(&overlay, &image));
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+    file.write_all_at(&first, 4 * MIB + 512).unwrap();
+    file.write_all_at(&second, 40 * MIB + 3).unwrap();
+    file.sync_all().unwrap();
+    // Written after the last fsync: may or may not survive the kill.
+    file.write_all_at(b"unsynced", 30 * MIB).unwrap();
+    kill_daemon(&sandbox, "loop0");
+    drop(file);
+    sandbox.detach("loop0");
+
+    let device = sandbox.attach(overlay_args(&overlay, &image));
+    let reader = fs::File::open(&device).unwrap();
+    let mut buffer = vec![0u8; first.len()];
+    reader.read_exact_at(&mut buffer, 4 * MIB + 512).unwrap();
+    assert!(buffer == first, "first fsynced write lost");
+    let mut buffer = vec![0u8; second.len()];
+    reader.read_exact_at(&mut buffer, 40 * MIB + 3).unwrap();
+    assert!(buffer == second, "second fsynced write lost");
+    drop(reader);
+    let seen = sha256(&device);
+    sandbox.detach(&device);
+    assert_eq!(sha256(&image), before, "image changed");
+
+    let output = sandbox.run(["commit".as_ref(), overlay.as_os_str(), image.as_os_str()]);
+    assert!(
+        output.status.success(),
+        "commit failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(sha256(&image), seen, "commit wrote other bytes");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn commit_rejects_other_image_or_size() {
+    let Some(sandbox) = Sandbox::new("commit_rejects_other_image_or_size", &[]) else {
+        return;
+    };
+    let image = base_image(&sandbox, "base.img", 3);
+    let overlay = sandbox.path("changes.overlay");
+    let device = sandbox.attach(overlay_args(&overlay, &image));
+    OpenOptions::new()
+        .write(true)
+        .open(&device)
+        .unwrap()
+        .write_all_at(b"change", MIB)
+        .unwrap();
+    sandbox.detach(&device);
+
+    let other = base_image(&sandbox, "other.img", 30);
+    let bigger = sandbox.sparse_image("bigger.img", 65 * MIB);
+    let cases = [
+        (&other, "made for another image"),
+        (&bigger, "made for a base image of 67108864 bytes"),
+    ];
+    for (target, expected) in cases {
+        let before = sha256(target);
+        let output = sandbox.run(["commit".as_ref(), overlay.as_os_str(), target.as_os_str()]);
+        let message = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{message}");
+        assert!(message.contains(expected), "{message}");
+        assert!(message.contains(overlay.to_str().unwrap()), "{message}");
+        assert_eq!(sha256(target), before, "rejected target changed");
+    }
+
+    // Attaching the overlay over the other image is rejected the same way.
+    let output = sandbox.run([
+        "attach".as_ref(),
+        "--overlay".as_ref(),
+        overlay.as_os_str(),
+        other.as_os_str(),
+    ]);
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert!(message.contains("made for another image"), "{message}");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn snapshot_leaves_nothing_after_detach() {
+    let Some(sandbox) = Sandbox::new("snapshot_leaves_nothing_after_detach", &[]) else {
+        return;
+    };
+    let image = base_image(&sandbox, "base.img", 4);
+    let before = sha256(&image);
+
+    let device = sandbox.attach(["--snapshot".as_ref(), image.as_os_str()]);
+    let entry = sandbox.list()[0].clone();
+    assert_eq!(entry["snapshot"], true);
+    let snapshot = entry["overlay"].as_str().unwrap().to_string();
+    assert!(
+        snapshot.starts_with(sandbox.registry().to_str().unwrap()),
+        "{snapshot}"
+    );
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+    file.write_all_at(&pattern(2 * MIB as usize, 40), 10 * MIB)
+        .unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    sandbox.detach(&device);
+
+    assert!(
+        !Path::new(&snapshot).exists(),
+        "snapshot overlay left behind"
+    );
+    assert_eq!(sha256(&image), before, "image changed");
+    let leftovers: Vec<_> = fs::read_dir(sandbox.registry()).unwrap().collect();
+    assert_eq!(leftovers.len(), 0, "registry not empty: {leftovers:?}");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn overlay_punch_through_partition_reads_zeroes() {
+    let test = "overlay_punch_through_partition_reads_zeroes";
+    let Some(sandbox) = Sandbox::new(test, &["sfdisk"]) else {
+        return;
+    };
+    let image = sandbox.image_with("disk.img", &pattern(32 * MIB as usize, 5));
+    sfdisk(&image, "label: dos\n,8M\n,,\n");
+    let before = sha256(&image);
+    let overlay = sandbox.path("changes.overlay");
+
+    let device = sandbox.attach([
+        "-P".as_ref(),
+        "--overlay".as_ref(),
+        overlay.as_os_str(),
+        image.as_os_str(),
+    ]);
+    let p2_start = sandbox.list()[0]["partitions"][1]["start"]
+        .as_u64()
+        .unwrap();
+    let p2 = OpenOptions::new()
+        .write(true)
+        .open(device.with_file_name("p2"))
+        .unwrap();
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    fallocate(p2.as_fd(), punch, (MIB + 1000) as i64, (3 * MIB) as i64).unwrap();
+    p2.sync_all().unwrap();
+    drop(p2);
+
+    let mut expected = fs::read(&image).unwrap();
+    let start = (p2_start + MIB + 1000) as usize;
+    expected[start..start + 3 * MIB as usize].fill(0);
+    let seen = fs::read(&device).unwrap();
+    let differing = seen.iter().zip(&expected).position(|(a, b)| a != b);
+    assert_eq!(differing, None, "first differing byte of disk");
+    sandbox.detach(&device);
+
+    assert_eq!(sha256(&image), before, "image changed");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn overlay_under_offset_window_writes_window() {
+    let Some(sandbox) = Sandbox::new("overlay_under_offset_window_writes_window", &[]) else {
+        return;
+    };
+    let original = pattern(8 * MIB as usize, 6);
+    let image = sandbox.image_with("disk.img", &original);
+    let overlay = sandbox.path("changes.overlay");
+    let data = pattern(2 * MIB as usize, 7);
+
+    let device = sandbox.attach([
+        "--offset".as_ref(),
+        "1MiB".as_ref(),
+        "--sizelimit".as_ref(),
+        "2MiB".as_ref(),
+        "--overlay".as_ref(),
+        overlay.as_os_str(),
+        image.as_os_str(),
+    ]);
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+    file.write_all_at(&data, 0).unwrap();
+    let error = file.write_at(b"beyond", 2 * MIB).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC));
+    file.sync_all().unwrap();
+    drop(file);
+    sandbox.detach(&device);
+    assert!(fs::read(&image).unwrap() == original, "image changed");
+
+    // The overlay covers the whole image: seen whole, only the window's bytes differ.
+    let device = sandbox.attach([
+        "-r".as_ref(),
+        "--overlay".as_ref(),
+        overlay.as_os_str(),
+        image.as_os_str(),
+    ]);
+    let mut expected = original.clone();
+    expected[MIB as usize..3 * MIB as usize].copy_from_slice(&data);
+    assert!(
+        fs::read(&device).unwrap() == expected,
+        "overlay view differs"
+    );
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
+#[test]
+fn overlay_on_full_filesystem_answers_enospc() {
+    let test = "overlay_on_full_filesystem_answers_enospc";
+    if !is_root() {
+        eprintln!("SKIP {test}: mounting a small tmpfs needs root");
+        return;
+    }
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let (small, _tmpfs) = small_tmpfs(&sandbox);
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    let overlay = small.join("changes.overlay");
+    let device = sandbox.attach(overlay_args(&overlay, &image));
+
+    let (chunk, written) = write_until_full(&device);
+
+    assert_eq!(sandbox.list()[0]["state"], "attached");
+    assert_chunks_intact(&device, &chunk, &written);
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}

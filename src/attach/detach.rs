@@ -105,7 +105,9 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
     Ok(())
 }
 
-fn unmount(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
+/// Unmounts the FUSE mount at `mountpoint` (non-lazily), retrying briefly while it is busy;
+/// `name` is the subject of the error.
+pub(crate) fn unmount(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
     let started = Instant::now();
     loop {
         match unmount_once(name, mountpoint) {

@@ -15,6 +15,7 @@ fn state(image: &str) -> AttachmentState {
         partition_table: None,
         partitions: Vec::new(),
         scans: 0,
+        mounts: Vec::new(),
     }
 }
 

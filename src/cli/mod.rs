@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod list;
+mod mount;
 mod size;
 
 use std::path::PathBuf;
@@ -40,6 +41,11 @@ pub enum Command {
     List(ListArgs),
     /// Re-read the partition table of an attachment made with --partscan.
     Rescan(RescanArgs),
+    /// Attach an image and mount the filesystem on it (or on IMAGE:PARTITION) with its
+    /// userspace driver, like 'mount -o loop'.
+    Mount(mount::MountArgs),
+    /// Unmount a filesystem mounted by 'loopfuse mount', wait for its driver and detach.
+    Umount(mount::UmountArgs),
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
     Daemon(DaemonArgs),
@@ -160,18 +166,29 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::List(args) => run_list(&args),
         Command::Rescan(args) => run_rescan(&args),
         Command::Daemon(args) => run_daemon(&args),
+        Command::Mount(args) => mount::run_mount(&args),
+        Command::Umount(args) => mount::run_umount(&args),
     };
 
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("loopfuse: {}", crate::error_chain(error.as_ref()));
-            ExitCode::FAILURE
+            if error.is::<UsageError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 type CommandResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A command line that clap accepts but that is still invalid; exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 fn run_attach(args: &AttachArgs) -> CommandResult {
     let registry = Registry::for_current_user()?;

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod list;
+pub mod losetup;
 mod mount;
 mod size;
 
@@ -46,6 +47,9 @@ pub enum Command {
     Mount(mount::MountArgs),
     /// Unmount a filesystem mounted by 'loopfuse mount', wait for its driver and detach.
     Umount(mount::UmountArgs),
+    /// Run the command lines of util-linux losetup on loopfuse attachments (also run when
+    /// loopfuse is called through a link named losetup).
+    Losetup(losetup::LosetupArgs),
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
     Daemon(DaemonArgs),
@@ -168,6 +172,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Daemon(args) => run_daemon(&args),
         Command::Mount(args) => mount::run_mount(&args),
         Command::Umount(args) => mount::run_umount(&args),
+        Command::Losetup(args) => return losetup::run(&args),
     };
 
     match result {

@@ -4,6 +4,7 @@
 //! `-b`, `--show`, `-J`, `-n`). This module only calls the library.
 #![forbid(unsafe_code)]
 
+mod generate;
 mod list;
 pub mod losetup;
 mod mount;
@@ -50,6 +51,11 @@ pub enum Command {
     /// Run the command lines of util-linux losetup on loopfuse attachments (also run when
     /// loopfuse is called through a link named losetup).
     Losetup(losetup::LosetupArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    Completions(generate::CompletionsArgs),
+    /// Write man pages generated from these definitions (used by scripts/man.sh).
+    #[command(hide = true)]
+    Man(generate::ManArgs),
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
     Daemon(DaemonArgs),
@@ -173,6 +179,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Mount(args) => mount::run_mount(&args),
         Command::Umount(args) => mount::run_umount(&args),
         Command::Losetup(args) => return losetup::run(&args),
+        Command::Completions(args) => generate::run_completions(&args),
+        Command::Man(args) => generate::run_man(&args),
     };
 
     match result {

@@ -447,3 +447,57 @@ fn umount_of_foreign_directory_is_refused() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("not mounted by loopfuse"), "{stderr}");
 }
+
+#[test]
+fn ntfs_round_trip_or_clear_refusal() {
+    let test = "ntfs_round_trip_or_clear_refusal";
+    let Some(sandbox) = Sandbox::new(test, &["mkntfs", "ntfs-3g"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("ntfs.img", 32 * MIB);
+    run_ok(
+        "mkntfs",
+        [
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-Q".as_ref(),
+            image.as_os_str(),
+        ],
+    );
+    let tree = sandbox.path("tree");
+    make_tree(&tree);
+    let directory = sandbox.path("mnt");
+    fs::create_dir(&directory).unwrap();
+    let setuid_driver = fs::metadata(find_tool("ntfs-3g").unwrap()).is_ok_and(|metadata| {
+        std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()) & 0o4000 != 0
+    });
+    let allow_other = fs::read_to_string("/etc/fuse.conf")
+        .is_ok_and(|text| text.lines().any(|line| line.trim() == "user_allow_other"));
+
+    // Debian's ntfs-3g is setuid root, and root may not open another user's FUSE files
+    // unless the mount allows other users, which needs user_allow_other.
+    if !common::is_root() && setuid_driver && !allow_other {
+        let stderr = mount_fails(&sandbox, &[image.as_os_str(), directory.as_os_str()]);
+        assert!(stderr.contains("user_allow_other"), "{stderr}");
+        return;
+    }
+
+    mount(&sandbox, image.to_str().unwrap(), &directory);
+    copy_tree(&tree, &directory);
+    umount(&sandbox, &directory);
+    sandbox.assert_clean();
+
+    loopfuse_ok(
+        &sandbox,
+        &[
+            "mount".as_ref(),
+            "-o".as_ref(),
+            "ro".as_ref(),
+            image.as_os_str(),
+            directory.as_os_str(),
+        ],
+    );
+    assert_eq!(read_tree(&directory), read_tree(&tree));
+    umount(&sandbox, &directory);
+    sandbox.assert_clean();
+}

@@ -20,6 +20,9 @@ pub struct Driver {
     pub writable: bool,
     /// Known reason the driver may fail on a loopfuse device file, added to its errors.
     pub caveat: Option<&'static str>,
+    /// Whether Debian installs the program setuid root: it then opens the device as root,
+    /// which a FUSE mount of an unprivileged user lets in only with `allow_other`.
+    pub setuid_root: bool,
     arguments: fn(&Invocation) -> Vec<OsString>,
 }
 
@@ -37,6 +40,18 @@ impl Driver {
     /// Builds the arguments that start this driver in the foreground.
     pub fn arguments(&self, invocation: &Invocation) -> Vec<OsString> {
         (self.arguments)(invocation)
+    }
+
+    /// Returns whether `program` will run as root for a caller who is not root: the
+    /// driver is one Debian installs setuid root, and this copy is.
+    pub fn runs_as_root(&self, program: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+
+        if !self.setuid_root || nix::unistd::geteuid().is_root() {
+            return false;
+        }
+        std::fs::metadata(program)
+            .is_ok_and(|metadata| metadata.uid() == 0 && metadata.mode() & 0o4000 != 0)
     }
 
     /// Finds the program in `PATH`, then in `/usr/sbin` and `/sbin`, which an unprivileged
@@ -82,6 +97,7 @@ static FUSE2FS: Driver = Driver {
     package: "fuse2fs",
     writable: true,
     caveat: None,
+    setuid_root: false,
     arguments: |invocation| {
         vec![
             invocation.device.into(),
@@ -97,6 +113,7 @@ static FUSEFAT: Driver = Driver {
     program: "fusefat",
     package: "fusefat",
     writable: true,
+    setuid_root: false,
     caveat: None,
     // fusefat mounts read-only unless given its own "rw+" (which its manual calls
     // experimental).
@@ -116,6 +133,7 @@ static EXFAT_FUSE: Driver = Driver {
     program: "mount.exfat-fuse",
     package: "exfat-fuse",
     writable: true,
+    setuid_root: false,
     caveat: Some(
         "exfat-fuse 1.3 always mounts with the FUSE options 'blkdev' and 'allow_other', so it \
          needs a real block device as root and 'user_allow_other' in /etc/fuse.conf otherwise; \
@@ -138,6 +156,7 @@ static NTFS_3G: Driver = Driver {
     package: "ntfs-3g",
     writable: true,
     caveat: None,
+    setuid_root: true,
     arguments: |invocation| {
         let mode = if invocation.read_only {
             "no_detach,ro"
@@ -158,6 +177,7 @@ static SQUASHFUSE: Driver = Driver {
     package: "squashfuse",
     writable: false,
     caveat: None,
+    setuid_root: false,
     arguments: |invocation| {
         let mut arguments: Vec<OsString> = vec!["-f".into()];
         arguments.extend(extra_options(invocation));
@@ -170,6 +190,7 @@ static FUSEISO: Driver = Driver {
     program: "fuseiso",
     package: "fuseiso",
     writable: false,
+    setuid_root: false,
     caveat: None,
     // fuseiso takes FUSE options (-f) only after the mount point; -n keeps it from writing
     // ~/.mtab.fuseiso.
@@ -190,6 +211,7 @@ static EROFSFUSE: Driver = Driver {
     program: "erofsfuse",
     package: "erofsfuse",
     writable: false,
+    setuid_root: false,
     caveat: Some(
         "Debian 12 has no erofsfuse package; erofs-utils there ships only mkfs, fsck and dump tools",
     ),

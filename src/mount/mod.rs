@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use nix::unistd::{AccessFlags, access};
 
-use crate::attach::{self, AttachError, AttachOptions, DetachError, is_mounted};
+use crate::attach::{self, AttachError, AttachOptions, DetachError, environment, is_mounted};
 use crate::registry::{AttachmentState, MountRecord, Registry, RegistryError};
 use detect::{Detection, FsType};
 use driver::{Driver, Support};
@@ -125,6 +125,14 @@ pub enum MountError {
         caveat: Option<&'static str>,
     },
 
+    #[error(
+        "{source_name}: {program} is setuid root, so it opens the device as root, and FUSE lets root into another user's mount only with 'user_allow_other' in /etc/fuse.conf; ask an administrator to add that line, or run 'loopfuse mount' as root"
+    )]
+    DriverRunsAsRoot {
+        source_name: String,
+        program: &'static str,
+    },
+
     #[error("cannot start {}", program.display())]
     Spawn {
         program: PathBuf,
@@ -211,13 +219,13 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         attach_options.read_only = true;
     }
 
-    let attached = attach::attach(&attach_options, registry)?;
-    let guard = DetachOnDrop {
+    let mut attached = attach::attach(&attach_options, registry)?;
+    let mut guard = DetachOnDrop {
         registry,
         name: Some(attached.name.clone()),
     };
 
-    let device = device_file(registry, &attached, options.partition, &source_name)?;
+    let mut device = device_file(registry, &attached, options.partition, &source_name)?;
     let fstype = match options.fstype {
         Some(fstype) => fstype,
         None => identify(&device, &source_name)?,
@@ -226,7 +234,39 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         Some(found) => found,
         None => find_driver(fstype, &source_name)?,
     };
-    let read_only = attach_options.read_only || !driver.writable;
+
+    // A read-only driver gets a read-only attachment, which maps the image read-only and
+    // takes a shared lock, so other read-only attachments of the image stay possible.
+    let mut wanted = attach_options.clone();
+    wanted.read_only |= !driver.writable;
+    if driver.runs_as_root(&program) {
+        if !wanted.allow_other && !environment::user_allow_other() {
+            return Err(MountError::DriverRunsAsRoot {
+                source_name,
+                program: driver.program,
+            });
+        }
+        wanted.allow_other = true;
+    }
+    if wanted.read_only != attach_options.read_only
+        || wanted.allow_other != attach_options.allow_other
+    {
+        log::debug!(
+            "{source_name}: attaching again for {} (read-only {}, allow-other {})",
+            driver.program,
+            wanted.read_only,
+            wanted.allow_other
+        );
+        drop(guard);
+        attach_options = wanted;
+        attached = attach::attach(&attach_options, registry)?;
+        guard = DetachOnDrop {
+            registry,
+            name: Some(attached.name.clone()),
+        };
+        device = device_file(registry, &attached, options.partition, &source_name)?;
+    }
+    let read_only = attach_options.read_only;
 
     let mut record = MountRecord {
         directory: directory.clone(),

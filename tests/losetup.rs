@@ -5,12 +5,11 @@
 mod common;
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{Sandbox, find_tool, loopfuse_binary, run_ok};
+use common::{Sandbox, loopfuse_binary, run_ok, sfdisk};
 
 const MIB: u64 = 1 << 20;
 
@@ -23,23 +22,6 @@ mkfs.vfat "${dev}p2" >/dev/null
 losetup -j "$image"
 losetup -d "$dev"
 "#;
-
-fn sfdisk(image: &Path, script: &str) {
-    let mut child = Command::new(find_tool("sfdisk").unwrap())
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(image)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-}
 
 /// `loopfuse losetup ARGS`, asserting success; returns standard output.
 fn losetup(sandbox: &Sandbox, args: &[&str]) -> String {

@@ -5,34 +5,14 @@
 mod common;
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{Sandbox, find_tool, pattern, run, run_ok};
+use common::{Sandbox, find_tool, pattern, run, run_ok, sfdisk};
 
 const MIB: u64 = 1 << 20;
-
-/// Writes a partition table into `image` with `sfdisk`, reading `script` from stdin.
-fn sfdisk(image: &Path, script: &str) {
-    let mut child = Command::new(find_tool("sfdisk").unwrap())
-        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-        .arg(image)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert!(output.status.success(), "sfdisk: {output:?}");
-}
 
 /// Byte offsets of the partitions of `image`, as util-linux reads them.
 fn partition_starts(image: &Path) -> Vec<u64> {
@@ -258,22 +238,24 @@ fn read_only_image_reads_back(test: &str, tools: &[&str], make_image: fn(&Path, 
     sandbox.assert_clean();
 }
 
+fn make_squashfs(tree: &Path, image: &Path) {
+    run_ok(
+        "mksquashfs",
+        [
+            tree.as_os_str(),
+            image.as_os_str(),
+            "-quiet".as_ref(),
+            "-noappend".as_ref(),
+        ],
+    );
+}
+
 #[test]
 fn squashfs_mounts_read_only_with_same_tree() {
     read_only_image_reads_back(
         "squashfs_mounts_read_only_with_same_tree",
         &["mksquashfs", "squashfuse"],
-        |tree, image| {
-            run_ok(
-                "mksquashfs",
-                [
-                    tree.as_os_str(),
-                    image.as_os_str(),
-                    "-quiet".as_ref(),
-                    "-noappend".as_ref(),
-                ],
-            );
-        },
+        make_squashfs,
     );
 }
 
@@ -398,15 +380,7 @@ fn missing_driver_names_its_package() {
     let tree = sandbox.path("tree");
     make_tree(&tree);
     let image = sandbox.path("tree.img");
-    run_ok(
-        "mksquashfs",
-        [
-            tree.as_os_str(),
-            image.as_os_str(),
-            "-quiet".as_ref(),
-            "-noappend".as_ref(),
-        ],
-    );
+    make_squashfs(&tree, &image);
     let directory = sandbox.path("mnt");
     fs::create_dir(&directory).unwrap();
     // A PATH holding only the FUSE helper hides squashfuse, which lives in /usr/bin.

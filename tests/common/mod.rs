@@ -7,6 +7,7 @@
 
 use std::ffi::OsStr;
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -334,4 +335,29 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
         std::thread::sleep(Duration::from_millis(20));
     }
     condition()
+}
+
+/// Writes a partition table into `target` (an image or device file) with `sfdisk`, reading
+/// `script` from standard input.
+pub fn sfdisk(target: &Path, script: &str) {
+    let mut child = Command::new(find_tool("sfdisk").unwrap())
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(target)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "sfdisk failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -219,6 +219,8 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         attach_options.read_only = true;
     }
 
+    // NOTE: every mount makes its own attachment, so a second partition of an image that
+    // is attached read-write cannot be mounted at the same time (the image is locked).
     let mut attached = attach::attach(&attach_options, registry)?;
     let mut guard = DetachOnDrop {
         registry,

@@ -9,6 +9,7 @@ pub mod block;
 pub mod cli;
 pub mod fs;
 pub mod image;
+pub mod mount;
 pub mod partition;
 pub mod registry;
 

@@ -4,10 +4,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use loopfuse::cli::{Cli, Command, run};
+use loopfuse::cli::{Cli, Command, losetup, run};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Called through a link named losetup, the arguments are those of 'loopfuse losetup'.
+    let cli = if losetup::invoked_as_losetup() {
+        Cli::parse_from(losetup::losetup_argv())
+    } else {
+        Cli::parse()
+    };
     init_logging(&cli);
     run(cli)
 }

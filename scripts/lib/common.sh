@@ -17,6 +17,16 @@ LOOPFUSE_TOOLS=(
     "partx:util-linux"
     "setpriv:util-linux"
     "gzip:gzip"
+    "debugfs:e2fsprogs"
+    "fusefat:fusefat"
+    "mount.exfat-fuse:exfat-fuse"
+    "mkfs.exfat:exfatprogs"
+    "ntfs-3g:ntfs-3g"
+    "squashfuse:squashfuse"
+    "mksquashfs:squashfs-tools"
+    "fuseiso:fuseiso"
+    "xorriso:xorriso"
+    "mkfs.erofs:erofs-utils"
 )
 
 # Installs the Debian packages of missing tools when running as root; otherwise lists them.

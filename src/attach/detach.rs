@@ -120,7 +120,9 @@ fn report_last_words(registry: &Registry, name: &str) {
     log::warn!("{name}: the daemon had stopped; the end of its log:\n  {tail}");
 }
 
-fn unmount(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
+/// Unmounts the FUSE mount at `mountpoint` (non-lazily), retrying briefly while it is busy;
+/// `name` is the subject of the error.
+pub(crate) fn unmount(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
     let started = Instant::now();
     loop {
         match unmount_once(name, mountpoint) {

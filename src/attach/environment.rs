@@ -76,3 +76,12 @@ fn check_setuid_root(helper: &Path) -> Result<(), EnvironmentError> {
     }
     Ok(())
 }
+
+/// Returns whether `/etc/fuse.conf` lets unprivileged users mount with `allow_other`
+/// (a `user_allow_other` line).
+pub fn user_allow_other() -> bool {
+    std::fs::read_to_string("/etc/fuse.conf").is_ok_and(|text| {
+        text.lines()
+            .any(|line| line.split('#').next().unwrap_or("").trim() == "user_allow_other")
+    })
+}

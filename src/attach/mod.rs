@@ -19,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use daemon::{Readiness, serve};
+pub(crate) use detach::unmount;
 pub use detach::{DetachError, detach, detach_all};
 pub use environment::EnvironmentError;
 pub use partitions::{RescanError, rescan};
@@ -322,6 +323,7 @@ fn initial_state(options: &AttachOptions, offset: u64, size: u64) -> AttachmentS
         partitions: Vec::new(),
         scans: 0,
         cache: options.cache.to_string(),
+        mounts: Vec::new(),
     }
 }
 
@@ -486,7 +488,8 @@ fn wait_for_readiness(stdout: std::process::ChildStdout) -> Option<Result<(), St
     daemon::parse_readiness(&line)
 }
 
-fn last_lines(text: &str, count: usize) -> String {
+/// Joins the last `count` non-empty lines of `text` with " | ", or returns "nothing".
+pub(crate) fn last_lines(text: &str, count: usize) -> String {
     let lines: Vec<&str> = text
         .lines()
         .filter(|line| !line.trim().is_empty())

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::registry::{Entry, Liveness, Stage};
+use crate::registry::{Entry, Liveness, MountRecord, Stage};
 
 /// One attachment as `list --json` prints it.
 #[derive(Debug, Serialize)]
@@ -26,6 +26,8 @@ struct ListedAttachment<'a> {
     /// "MBR", "GPT", or null when no table was found or partitions are not scanned.
     partition_table: Option<&'a str>,
     partitions: Vec<ListedPartition>,
+    /// Filesystems mounted by 'loopfuse mount' from this attachment.
+    mounts: &'a [MountRecord],
 }
 
 /// One partition as `list --json` prints it.
@@ -87,7 +89,19 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
                 label: partition.label.clone(),
             })
             .collect(),
+        mounts: &entry.state.mounts,
     }
+}
+
+/// Returns the directory a filesystem on `partition` (`None` for the disk) is mounted on,
+/// or "-".
+fn mountpoint_of(mounts: &[MountRecord], partition: Option<u32>) -> String {
+    mounts
+        .iter()
+        .find(|mounted| mounted.partition == partition)
+        .map_or("-".to_string(), |mounted| {
+            mounted.directory.display().to_string()
+        })
 }
 
 /// Renders `entries` as `{"attachments": [...]}` followed by a newline.
@@ -105,9 +119,21 @@ pub fn to_json(entries: &[Entry]) -> Result<String, serde_json::Error> {
 
 /// Column headings of the table, in order. Partition rows are named `loopNpM`; their OFFSET is
 /// the partition's start inside the image, and TYPE is the partition type (the table type,
-/// MBR or GPT, on the disk row). OVERLAY is the overlay file, `-` when writes go to the image.
-const COLUMNS: [&str; 10] = [
-    "NAME", "SIZE", "OFFSET", "RO", "PID", "STATE", "TYPE", "IMAGE", "OVERLAY", "DEVICE",
+/// MBR or GPT, on the disk row). MOUNTPOINT is where 'loopfuse mount' mounted the
+/// filesystem of that row's device. OVERLAY is the overlay file, `-` when writes go to the
+/// image. DEVICE stays last, so scripts can take the last field.
+const COLUMNS: [&str; 11] = [
+    "NAME",
+    "SIZE",
+    "OFFSET",
+    "RO",
+    "PID",
+    "STATE",
+    "TYPE",
+    "MOUNTPOINT",
+    "IMAGE",
+    "OVERLAY",
+    "DEVICE",
 ];
 
 /// Renders `entries` as a table with aligned columns; the last column is not padded.
@@ -127,6 +153,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
             item.pid.to_string(),
             item.state.to_string(),
             item.partition_table.unwrap_or("-").to_string(),
+            mountpoint_of(item.mounts, None),
             item.image.clone(),
             overlay.clone(),
             item.device.clone(),
@@ -140,6 +167,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
                 item.pid.to_string(),
                 "partition".to_string(),
                 partition.type_name.clone(),
+                mountpoint_of(item.mounts, Some(partition.number)),
                 item.image.clone(),
                 overlay.clone(),
                 partition.device.clone(),

@@ -4,7 +4,10 @@
 //! `-b`, `--show`, `-J`, `-n`). This module only calls the library.
 #![forbid(unsafe_code)]
 
+mod generate;
 mod list;
+pub mod losetup;
+mod mount;
 mod progress;
 mod size;
 
@@ -45,6 +48,19 @@ pub enum Command {
     Rescan(RescanArgs),
     /// Write the changes kept in an overlay into its image, then empty the overlay.
     Commit(CommitArgs),
+    /// Attach an image and mount the filesystem on it (or on IMAGE:PARTITION) with its
+    /// userspace driver, like 'mount -o loop'.
+    Mount(mount::MountArgs),
+    /// Unmount a filesystem mounted by 'loopfuse mount', wait for its driver and detach.
+    Umount(mount::UmountArgs),
+    /// Run the command lines of util-linux losetup on loopfuse attachments (also run when
+    /// loopfuse is called through a link named losetup).
+    Losetup(losetup::LosetupArgs),
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell.
+    Completions(generate::CompletionsArgs),
+    /// Write man pages generated from these definitions (used by scripts/man.sh).
+    #[command(hide = true)]
+    Man(generate::ManArgs),
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
     Daemon(DaemonArgs),
@@ -206,18 +222,32 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Rescan(args) => run_rescan(&args),
         Command::Commit(args) => run_commit(&args),
         Command::Daemon(args) => run_daemon(&args),
+        Command::Mount(args) => mount::run_mount(&args),
+        Command::Umount(args) => mount::run_umount(&args),
+        Command::Losetup(args) => return losetup::run(&args),
+        Command::Completions(args) => generate::run_completions(&args),
+        Command::Man(args) => generate::run_man(&args),
     };
 
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("loopfuse: {}", crate::error_chain(error.as_ref()));
-            ExitCode::FAILURE
+            if error.is::<UsageError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 type CommandResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A command line that clap accepts but that is still invalid; exits with status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 fn run_attach(args: &AttachArgs) -> CommandResult {
     let registry = Registry::create_for_current_user()?;

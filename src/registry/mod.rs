@@ -7,6 +7,7 @@
 //! This module does not depend on FUSE internals.
 #![forbid(unsafe_code)]
 
+mod mount_record;
 mod process;
 
 use std::fs::{self, File, OpenOptions};
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+pub use mount_record::MountRecord;
 pub use process::ProcessId;
 
 /// Name of the device file of the whole disk inside an attachment's mount point.
@@ -103,6 +105,9 @@ pub struct AttachmentState {
     /// Cache mode of the device files: "writethrough", "writeback" or "none".
     #[serde(default)]
     pub cache: String,
+    /// Filesystems that `loopfuse mount` serves from this attachment.
+    #[serde(default)]
+    pub mounts: Vec<MountRecord>,
 }
 
 /// A partition as recorded in the state file.
@@ -232,6 +237,11 @@ impl Registry {
         self.root.join(format!("{name}.overlay"))
     }
 
+    /// Log file of the filesystem drivers that `loopfuse mount` starts on `name`.
+    pub fn driver_log_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.driver.log"))
+    }
+
     fn state_path(&self, name: &str) -> PathBuf {
         self.root.join(format!("{name}.json"))
     }
@@ -241,10 +251,7 @@ impl Registry {
     pub fn reserve(&self, mut state: AttachmentState) -> Result<Reservation<'_>, RegistryError> {
         let _lock = self.lock()?;
 
-        let name = (0u32..)
-            .map(|number| format!("loop{number}"))
-            .find(|name| !self.state_path(name).exists() && !self.mountpoint(name).exists())
-            .expect("an unbounded range always has a free name");
+        let name = self.free_name();
 
         let mountpoint = self.mountpoint(&name);
         fs::DirBuilder::new()
@@ -264,6 +271,15 @@ impl Registry {
         self.write_state(&state)?;
 
         Ok(reservation)
+    }
+
+    /// The lowest name that no attachment uses, which the next [`Registry::reserve`] takes
+    /// unless another attach comes first.
+    pub fn free_name(&self) -> String {
+        (0u32..)
+            .map(|number| format!("loop{number}"))
+            .find(|name| !self.state_path(name).exists() && !self.mountpoint(name).exists())
+            .expect("an unbounded range always has a free name")
     }
 
     /// Writes the state file of `state.name`, replacing it atomically.
@@ -301,6 +317,7 @@ impl Registry {
             self.state_path(name),
             self.log_path(name),
             self.snapshot_path(name),
+            self.driver_log_path(name),
         ];
         for path in files {
             if let Err(error) = fs::remove_file(&path)
@@ -404,7 +421,12 @@ impl Registry {
         }
     }
 
+    /// Takes the registry lock, creating the registry directory first when a registry
+    /// opened with [`Registry::for_current_user`] did not exist yet.
     fn lock(&self) -> Result<Flock<File>, RegistryError> {
+        if !self.root.exists() {
+            Self::at(self.root.clone())?;
+        }
         let io_error = |source| RegistryError::Io {
             path: self.root.clone(),
             source,

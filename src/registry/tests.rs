@@ -18,6 +18,7 @@ fn state(image: &str) -> AttachmentState {
         partitions: Vec::new(),
         scans: 0,
         cache: String::new(),
+        mounts: Vec::new(),
     }
 }
 

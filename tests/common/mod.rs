@@ -7,6 +7,7 @@
 
 use std::ffi::OsStr;
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -415,7 +416,6 @@ impl Drop for Unmount {
 
 /// Writes a partition table with `sfdisk`, reading `script` from standard input.
 pub fn sfdisk(target: &Path, script: &str) {
-    use std::io::Write;
 
     let mut child = std::process::Command::new(find_tool("sfdisk").unwrap())
         .args(["--quiet", "--no-reread", "--no-tell-kernel"])

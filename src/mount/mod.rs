@@ -1,0 +1,545 @@
+//! Mounting a filesystem inside an image in one step, as `mount -o loop` does with a kernel
+//! loop device. `mount` attaches the image, finds the filesystem on the disk or on one
+//! partition by its superblock, and serves it with the userspace driver for its type.
+//! `umount` undoes all of that.
+//!
+//! This module builds on [`crate::attach`] and the registry; it knows nothing of FUSE
+//! internals, image storage or partition formats.
+#![forbid(unsafe_code)]
+
+pub mod detect;
+pub mod driver;
+mod process;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::unistd::{AccessFlags, access};
+
+use crate::attach::{self, AttachError, AttachOptions, DetachError, environment, is_mounted};
+use crate::registry::{AttachmentState, MountRecord, Registry, RegistryError};
+use detect::{Detection, FsType};
+use driver::{Driver, Support};
+
+/// How long `umount` waits for a driver to flush and exit after its unmount.
+const DRIVER_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A validated mount request.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// How to attach the image; `partscan` is turned on when a partition is named.
+    pub attach: AttachOptions,
+    /// Partition to mount, or `None` for the whole device.
+    pub partition: Option<u32>,
+    /// Filesystem type forced with `-t`, or `None` to detect it.
+    pub fstype: Option<FsType>,
+    pub directory: PathBuf,
+    /// Options for the driver's `-o`, beyond `ro`/`rw`.
+    pub driver_options: Vec<String>,
+}
+
+/// The image and partition a mount reads, as the user wrote them: `disk.img:2`.
+struct Source<'a>(&'a MountOptions);
+
+impl fmt::Display for Source<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}", self.0.attach.image.display())?;
+        match self.0.partition {
+            Some(number) => write!(formatter, ":{number}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Errors from mounting and unmounting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MountError {
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+
+    #[error(transparent)]
+    Detach(#[from] DetachError),
+
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+
+    #[error("{}: mount point does not exist; create it with 'mkdir -p {}'", directory.display(), directory.display())]
+    DirectoryMissing { directory: PathBuf },
+
+    #[error("{}: mount point is not a directory", directory.display())]
+    NotADirectory { directory: PathBuf },
+
+    #[error("{}: a filesystem is already mounted there; unmount it first", directory.display())]
+    AlreadyMounted { directory: PathBuf },
+
+    #[error("{source_name}: no partition {partition} ({found})")]
+    NoPartition {
+        source_name: String,
+        partition: u32,
+        found: String,
+    },
+
+    #[error("{}: cannot read the superblock", device.display())]
+    ReadDevice {
+        device: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error(
+        "{source_name}: unknown filesystem (first bytes: {signature}); if you know its type, pass -t TYPE (one of: {})",
+        type_names()
+    )]
+    UnknownFilesystem {
+        source_name: String,
+        signature: String,
+    },
+
+    #[error(
+        "{source_name}: no filesystem: the first 64 KiB are zeros; format it first, for example with mkfs.ext4 on the device that 'loopfuse attach' prints"
+    )]
+    Empty { source_name: String },
+
+    #[error(
+        "{source_name}: holds a {scheme} partition table, not a filesystem; name a partition, as in '{source_name}:1'"
+    )]
+    PartitionTable {
+        source_name: String,
+        scheme: &'static str,
+    },
+
+    #[error("{source_name}: {fstype} has no userspace driver: {advice}")]
+    NoDriver {
+        source_name: String,
+        fstype: FsType,
+        advice: &'static str,
+    },
+
+    #[error("{source_name}: mounting {fstype} needs {program}, which is not installed; install the Debian package {package} ('apt-get install {package}'){}", caveat.map(|text| format!(" (note: {text})")).unwrap_or_default())]
+    DriverMissing {
+        source_name: String,
+        fstype: FsType,
+        program: &'static str,
+        package: &'static str,
+        caveat: Option<&'static str>,
+    },
+
+    #[error(
+        "{source_name}: {program} is setuid root, so it opens the device as root, and FUSE lets root into another user's mount only with 'user_allow_other' in /etc/fuse.conf; ask an administrator to add that line, or run 'loopfuse mount' as root"
+    )]
+    DriverRunsAsRoot {
+        source_name: String,
+        program: &'static str,
+    },
+
+    #[error("cannot start {}", program.display())]
+    Spawn {
+        program: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error(transparent)]
+    DriverExited(Box<DriverExited>),
+
+    #[error("{}: {program} did not mount it within {} s and was stopped; see its log {}", directory.display(), process::MOUNT_TIMEOUT.as_secs(), log.display())]
+    DriverTimeout {
+        directory: PathBuf,
+        program: &'static str,
+        log: PathBuf,
+    },
+
+    #[error("{}: not mounted by loopfuse (see 'loopfuse list')", directory.display())]
+    NotOurMount { directory: PathBuf },
+
+    #[error("{}: target is busy: a process still uses a file under it (close it, then run 'loopfuse umount' again; 'fuser -vm {}' lists the processes)", directory.display(), directory.display())]
+    Busy { directory: PathBuf },
+
+    #[error("{}: {program} (pid {pid}) did not exit within {} s of the unmount, so {name} stays attached; detach it with 'loopfuse detach {name}' once {program} is gone", directory.display(), DRIVER_EXIT_TIMEOUT.as_secs())]
+    DriverStuck {
+        directory: PathBuf,
+        program: String,
+        pid: i32,
+        name: String,
+    },
+}
+
+/// A driver that exited before its directory was mounted, with the end of its output.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {program} exited ({status}) before {} was mounted; its output: {output}{}", directory.display(), caveat.map(|text| format!(" (note: {text})")).unwrap_or_default())]
+pub struct DriverExited {
+    pub source_name: String,
+    pub program: &'static str,
+    pub directory: PathBuf,
+    pub status: String,
+    pub output: String,
+    pub caveat: Option<&'static str>,
+}
+
+fn type_names() -> String {
+    let names: Vec<&str> = FsType::ALL.iter().map(|fstype| fstype.name()).collect();
+    names.join(", ")
+}
+
+/// A filesystem mounted by [`mount`].
+#[derive(Debug, Clone)]
+pub struct Mounted {
+    /// Name of the attachment serving the device (`loop0`).
+    pub name: String,
+    pub directory: PathBuf,
+    pub fstype: FsType,
+    pub driver: &'static str,
+    pub driver_pid: u32,
+}
+
+/// Attaches the image, detects the filesystem and mounts it on `options.directory` with its
+/// driver; returns once the directory is mounted.
+///
+/// On failure nothing is left mounted or registered: an attachment made here is detached
+/// again, and a driver that did not mount in time is stopped.
+pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, MountError> {
+    let source_name = Source(options).to_string();
+    let directory = check_directory(&options.directory)?;
+    // A forced type is checked before anything is attached.
+    let forced = options
+        .fstype
+        .map(|fstype| find_driver(fstype, &source_name))
+        .transpose()?;
+
+    let mut attach_options = options.attach.clone();
+    attach_options.partscan |= options.partition.is_some();
+    if forced.as_ref().is_some_and(|(driver, _)| !driver.writable) {
+        attach_options.read_only = true;
+    }
+    if !attach_options.read_only && !is_writable(&attach_options.image) {
+        log::warn!(
+            "{}: write-protected, mounting read-only",
+            attach_options.image.display()
+        );
+        attach_options.read_only = true;
+    }
+
+    // NOTE: every mount makes its own attachment, so a second partition of an image that
+    // is attached read-write cannot be mounted at the same time (the image is locked).
+    let mut attached = attach::attach(&attach_options, registry)?;
+    let mut guard = DetachOnDrop {
+        registry,
+        name: Some(attached.name.clone()),
+    };
+
+    let mut device = device_file(registry, &attached, options.partition, &source_name)?;
+    let fstype = match options.fstype {
+        Some(fstype) => fstype,
+        None => identify(&device, &source_name)?,
+    };
+    let (driver, program) = match forced {
+        Some(found) => found,
+        None => find_driver(fstype, &source_name)?,
+    };
+
+    // A read-only driver gets a read-only attachment, which maps the image read-only and
+    // takes a shared lock, so other read-only attachments of the image stay possible.
+    let mut wanted = attach_options.clone();
+    wanted.read_only |= !driver.writable;
+    if driver.runs_as_root(&program) {
+        if !wanted.allow_other && !environment::user_allow_other() {
+            return Err(MountError::DriverRunsAsRoot {
+                source_name,
+                program: driver.program,
+            });
+        }
+        wanted.allow_other = true;
+    }
+    if wanted.read_only != attach_options.read_only
+        || wanted.allow_other != attach_options.allow_other
+    {
+        log::debug!(
+            "{source_name}: attaching again for {} (read-only {}, allow-other {})",
+            driver.program,
+            wanted.read_only,
+            wanted.allow_other
+        );
+        drop(guard);
+        attach_options = wanted;
+        attached = attach::attach(&attach_options, registry)?;
+        guard = DetachOnDrop {
+            registry,
+            name: Some(attached.name.clone()),
+        };
+        device = device_file(registry, &attached, options.partition, &source_name)?;
+    }
+    let read_only = attach_options.read_only;
+
+    let mut record = MountRecord {
+        directory: directory.clone(),
+        device: device.clone(),
+        partition: options.partition,
+        fstype: fstype.name().to_string(),
+        driver: driver.program.to_string(),
+        driver_pid: None,
+        owns_attachment: true,
+    };
+    update_state(registry, &attached.name, |state| {
+        state.mounts.push(record.clone())
+    })?;
+
+    let invocation = driver::Invocation {
+        device: &device,
+        directory: &directory,
+        read_only,
+        options: &options.driver_options,
+    };
+    let log = registry.driver_log_path(&attached.name);
+    let started = process::start(driver, &program, &invocation, &log, &source_name)?;
+    let pid = started.pid;
+
+    record.driver_pid = crate::registry::ProcessId::of(pid as i32);
+    update_state(registry, &attached.name, |state| {
+        if let Some(entry) = state
+            .mounts
+            .iter_mut()
+            .find(|mounted| mounted.directory == directory)
+        {
+            *entry = record.clone();
+        }
+    })?;
+
+    log::info!(
+        "{}: mounted {source_name} ({fstype}, {}) on {}",
+        attached.name,
+        driver.program,
+        directory.display()
+    );
+    guard.disarm();
+    Ok(Mounted {
+        name: attached.name,
+        directory,
+        fstype,
+        driver: driver.program,
+        driver_pid: pid,
+    })
+}
+
+/// Detaches an attachment made by [`mount`] when dropped, unless disarmed: every failure
+/// after the attach leaves nothing behind.
+struct DetachOnDrop<'a> {
+    registry: &'a Registry,
+    name: Option<String>,
+}
+
+impl DetachOnDrop<'_> {
+    fn disarm(mut self) {
+        self.name = None;
+    }
+}
+
+impl Drop for DetachOnDrop<'_> {
+    fn drop(&mut self) {
+        let Some(name) = self.name.take() else {
+            return;
+        };
+        if let Err(error) = attach::detach(self.registry, &name) {
+            log::error!(
+                "{name}: cannot detach after the failed mount: {}",
+                crate::error_chain(&error)
+            );
+        }
+    }
+}
+
+/// Checks that the mount point is an existing directory with nothing mounted on it and
+/// returns its canonical path, the form `/proc/self/mountinfo` lists.
+fn check_directory(directory: &Path) -> Result<PathBuf, MountError> {
+    let canonical = std::fs::canonicalize(directory).map_err(|_| MountError::DirectoryMissing {
+        directory: directory.to_path_buf(),
+    })?;
+    if !canonical.is_dir() {
+        return Err(MountError::NotADirectory {
+            directory: directory.to_path_buf(),
+        });
+    }
+    if is_mounted(&canonical) {
+        return Err(MountError::AlreadyMounted {
+            directory: canonical,
+        });
+    }
+    Ok(canonical)
+}
+
+/// Checks whether this process may write the image, as `mount` does before it falls back
+/// to a read-only loop device.
+fn is_writable(image: &Path) -> bool {
+    access(image, AccessFlags::W_OK).is_ok()
+}
+
+/// Returns the device file to mount: the disk, or partition `pN` when the table has it.
+fn device_file(
+    registry: &Registry,
+    attached: &attach::Attached,
+    partition: Option<u32>,
+    source_name: &str,
+) -> Result<PathBuf, MountError> {
+    let Some(number) = partition else {
+        return Ok(attached.device.clone());
+    };
+    let path = attached.directory.join(format!("p{number}"));
+    if path.is_file() {
+        return Ok(path);
+    }
+
+    let state = registry.find(&attached.name)?.state;
+    let numbers: Vec<String> = state
+        .partitions
+        .iter()
+        .map(|partition| partition.number.to_string())
+        .collect();
+    let found = match state.partition_table {
+        Some(scheme) if !numbers.is_empty() => {
+            format!("the {scheme} table has partitions {}", numbers.join(", "))
+        }
+        Some(scheme) => format!("the {scheme} table has no partitions"),
+        None => "no partition table found".to_string(),
+    };
+    Err(MountError::NoPartition {
+        source_name: source_name.to_string(),
+        partition: number,
+        found,
+    })
+}
+
+/// Reads the start of `device` and names the filesystem there.
+fn identify(device: &Path, source_name: &str) -> Result<FsType, MountError> {
+    let read_error = |source| MountError::ReadDevice {
+        device: device.to_path_buf(),
+        source,
+    };
+    let mut bytes = Vec::with_capacity(detect::PROBE_LEN);
+    let file = std::fs::File::open(device).map_err(read_error)?;
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(file, detect::PROBE_LEN as u64),
+        &mut bytes,
+    )
+    .map_err(read_error)?;
+
+    let source_name = source_name.to_string();
+    match detect::detect(&bytes) {
+        Detection::Filesystem(fstype) => {
+            log::debug!("{source_name}: found {fstype}");
+            Ok(fstype)
+        }
+        Detection::PartitionTable(scheme) => Err(MountError::PartitionTable {
+            source_name,
+            scheme,
+        }),
+        Detection::Empty => Err(MountError::Empty { source_name }),
+        Detection::Unknown(head) => Err(MountError::UnknownFilesystem {
+            source_name,
+            signature: detect::signature(&head),
+        }),
+    }
+}
+
+/// Finds the driver for `fstype` and the path of its program.
+fn find_driver(
+    fstype: FsType,
+    source_name: &str,
+) -> Result<(&'static Driver, PathBuf), MountError> {
+    let driver = match driver::support(fstype) {
+        Support::Driver(driver) => driver,
+        Support::NoDriver(advice) => {
+            return Err(MountError::NoDriver {
+                source_name: source_name.to_string(),
+                fstype,
+                advice,
+            });
+        }
+    };
+    let program = driver
+        .find_program()
+        .ok_or_else(|| MountError::DriverMissing {
+            source_name: source_name.to_string(),
+            fstype,
+            program: driver.program,
+            package: driver.package,
+            caveat: driver.caveat,
+        })?;
+
+    Ok((driver, program))
+}
+
+/// Applies `change` to the state file of `name`.
+///
+/// NOTE: the daemon's partition rescan rewrites the same file without a lock, so a rescan
+/// that overlaps this write can drop one of the two changes.
+fn update_state(
+    registry: &Registry,
+    name: &str,
+    change: impl FnOnce(&mut AttachmentState),
+) -> Result<(), RegistryError> {
+    let mut state = registry.find(name)?.state;
+    change(&mut state);
+    registry.write_state(&state)
+}
+
+/// The result of [`umount`].
+#[derive(Debug, Clone)]
+pub struct Unmounted {
+    /// The attachment that served the device, and whether it was detached.
+    pub name: String,
+    pub detached: bool,
+}
+
+/// Unmounts a filesystem mounted by [`mount`], waits for its driver to flush and exit, and
+/// detaches the attachment that `mount` made for it.
+pub fn umount(registry: &Registry, directory: &Path) -> Result<Unmounted, MountError> {
+    // A mount whose driver died fails to canonicalize (ENOTCONN); its absolute path is
+    // still the one recorded.
+    let wanted = std::fs::canonicalize(directory)
+        .or_else(|_| std::path::absolute(directory))
+        .unwrap_or_else(|_| directory.to_path_buf());
+    let found = registry.list()?.into_iter().find_map(|entry| {
+        let record = entry
+            .state
+            .mounts
+            .iter()
+            .find(|record| record.directory == wanted)
+            .cloned()?;
+        Some((entry, record))
+    });
+    let Some((entry, record)) = found else {
+        return Err(MountError::NotOurMount {
+            directory: directory.to_path_buf(),
+        });
+    };
+    let name = entry.state.name.clone();
+
+    if is_mounted(&wanted) {
+        attach::unmount(&name, &wanted).map_err(|error| match error {
+            DetachError::Busy { .. } => MountError::Busy {
+                directory: wanted.clone(),
+            },
+            other => other.into(),
+        })?;
+    }
+    if let Some(pid) = record.driver_pid
+        && !process::wait_for_exit(&pid, DRIVER_EXIT_TIMEOUT)
+    {
+        return Err(MountError::DriverStuck {
+            directory: wanted,
+            program: record.driver,
+            pid: pid.pid,
+            name,
+        });
+    }
+    log::info!("{name}: unmounted {}", wanted.display());
+
+    update_state(registry, &name, |state| {
+        state.mounts.retain(|mounted| mounted.directory != wanted)
+    })?;
+    let detached = record.owns_attachment;
+    if detached {
+        attach::detach(registry, &name)?;
+    }
+
+    Ok(Unmounted { name, detached })
+}

@@ -1,0 +1,26 @@
+//! What `loopfuse mount` records about a filesystem it mounted from an attachment.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::ProcessId;
+
+/// A filesystem served by a userspace driver from one device file of an attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRecord {
+    /// Absolute path of the directory the filesystem is mounted on.
+    pub directory: PathBuf,
+    /// The device file the driver reads: `disk`, or `pN` for a partition.
+    pub device: PathBuf,
+    /// Partition number, or `None` for the whole disk.
+    pub partition: Option<u32>,
+    /// Filesystem type, as blkid names it (`ext4`, `vfat`, `iso9660`, ...).
+    pub fstype: String,
+    /// Program serving the filesystem (`fuse2fs`, `fusefat`, ...).
+    pub driver: String,
+    /// The driver process; `None` until it has been started.
+    pub driver_pid: Option<ProcessId>,
+    /// Whether `loopfuse mount` attached the image itself, so `umount` detaches it too.
+    pub owns_attachment: bool,
+}

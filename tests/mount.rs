@@ -1,0 +1,477 @@
+//! `loopfuse mount` and `umount`: filesystems populated and read back through userspace
+//! drivers, checked afterwards with stock tools straight from the image, and failures that
+//! leave nothing mounted or registered.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{Sandbox, find_tool, pattern, run, run_ok, sfdisk};
+
+const MIB: u64 = 1 << 20;
+
+/// Byte offsets of the partitions of `image`, as util-linux reads them.
+fn partition_starts(image: &Path) -> Vec<u64> {
+    let text = run_ok(
+        "partx",
+        [
+            "--show".as_ref(),
+            "--bytes".as_ref(),
+            "--noheadings".as_ref(),
+            "-o".as_ref(),
+            "START".as_ref(),
+            image.as_os_str(),
+        ],
+    );
+    text.lines()
+        .map(|line| line.trim().parse::<u64>().unwrap() * 512)
+        .collect()
+}
+
+/// Creates a small tree of files with varied sizes (empty, odd, several pages) and nested
+/// directories, including an empty one.
+fn make_tree(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let files = [
+        ("hello.txt", b"hello, loopfuse\n".to_vec()),
+        ("empty", Vec::new()),
+        ("sub/data.bin", pattern(300_000, 1)),
+        ("sub/deeper/odd.bin", pattern(4097, 2)),
+    ];
+    fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    fs::create_dir_all(root.join("void")).unwrap();
+    for (name, bytes) in &files {
+        fs::write(root.join(name), bytes).unwrap();
+    }
+    files
+        .into_iter()
+        .map(|(name, bytes)| (PathBuf::from(name), bytes))
+        .collect()
+}
+
+/// Relative paths and contents (`None` for directories) of everything under `root`.
+fn read_tree(root: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+    let mut entries = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(directory) = pending.pop() {
+        for entry in fs::read_dir(&directory).unwrap() {
+            let path = entry.unwrap().path();
+            let relative = path.strip_prefix(root).unwrap().to_path_buf();
+            if path.is_dir() {
+                entries.push((relative, None));
+                pending.push(path);
+            } else {
+                entries.push((relative, Some(fs::read(&path).unwrap())));
+            }
+        }
+    }
+    entries.sort();
+    entries
+}
+
+fn loopfuse_ok(sandbox: &Sandbox, args: &[&std::ffi::OsStr]) {
+    let output = sandbox.run(args);
+    assert!(
+        output.status.success(),
+        "loopfuse {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn mount(sandbox: &Sandbox, source: &str, directory: &Path) {
+    loopfuse_ok(
+        sandbox,
+        &["mount".as_ref(), source.as_ref(), directory.as_os_str()],
+    );
+}
+
+fn umount(sandbox: &Sandbox, directory: &Path) {
+    loopfuse_ok(sandbox, &["umount".as_ref(), directory.as_os_str()]);
+}
+
+/// Copies the contents of `from` into `to` with `cp -r`, as a user would.
+fn copy_tree(from: &Path, to: &Path) {
+    let mut source = from.as_os_str().to_owned();
+    source.push("/.");
+    run_ok("cp", ["-r".as_ref(), source.as_os_str(), to.as_os_str()]);
+}
+
+#[test]
+fn ext4_and_fat_partitions_filled_through_mount() {
+    let test = "ext4_and_fat_partitions_filled_through_mount";
+    let tools = [
+        "sfdisk",
+        "partx",
+        "mkfs.ext4",
+        "e2fsck",
+        "debugfs",
+        "fuse2fs",
+        "mkfs.vfat",
+        "fsck.vfat",
+        "fusefat",
+        "mcopy",
+    ];
+    let Some(sandbox) = Sandbox::new(test, &tools) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 96 * MIB);
+    sfdisk(&image, "label: gpt\n,40M,L\n,,L\n");
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+    let p1 = device.with_file_name("p1");
+    let p2 = device.with_file_name("p2");
+    // mke2fs makes the root directory belong to root by default, and this user writes into it.
+    let owner = format!(
+        "root_owner={}:{}",
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    run_ok(
+        "mkfs.ext4",
+        [
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-E".as_ref(),
+            owner.as_ref(),
+            p1.as_os_str(),
+        ],
+    );
+    run_ok("mkfs.vfat", [p2.as_os_str()]);
+    sandbox.detach(&device);
+
+    let tree = sandbox.path("tree");
+    let files = make_tree(&tree);
+    let ext4_directory = sandbox.path("ext4");
+    let fat_directory = sandbox.path("fat");
+    fs::create_dir(&ext4_directory).unwrap();
+    fs::create_dir(&fat_directory).unwrap();
+    let image_name = image.to_str().unwrap();
+
+    mount(&sandbox, &format!("{image_name}:1"), &ext4_directory);
+    let listed = sandbox.list();
+    assert_eq!(listed[0]["mounts"][0]["fstype"], "ext4", "{listed:?}");
+    assert_eq!(
+        listed[0]["mounts"][0]["directory"],
+        ext4_directory.to_str().unwrap()
+    );
+    copy_tree(&tree, &ext4_directory);
+    umount(&sandbox, &ext4_directory);
+    sandbox.assert_clean();
+
+    mount(&sandbox, &format!("{image_name}:2"), &fat_directory);
+    copy_tree(&tree, &fat_directory);
+    assert_eq!(read_tree(&fat_directory), read_tree(&tree));
+    umount(&sandbox, &fat_directory);
+    sandbox.assert_clean();
+
+    let starts = partition_starts(&image);
+    let ext4_source = format!("{image_name}?offset={}", starts[0]);
+    run_ok("e2fsck", ["-fn", ext4_source.as_str()]);
+    let fat_copy = extract(&sandbox, &image, starts[1], 56 * MIB, "p2.img");
+    run_ok("fsck.vfat", ["-n".as_ref(), fat_copy.as_os_str()]);
+
+    for (name, bytes) in &files {
+        let request = format!("cat /{}", name.display());
+        let output = run("debugfs", ["-R", request.as_str(), ext4_source.as_str()]);
+        assert!(output.status.success(), "debugfs {request}: {output:?}");
+        assert_eq!(&output.stdout, bytes, "ext4 {}", name.display());
+
+        let fat_source = format!("{image_name}@@{}", starts[1]);
+        let member = format!("::{}", name.display());
+        let output = mcopy(&fat_source, &member);
+        assert!(output.status.success(), "mcopy {member}: {output:?}");
+        assert_eq!(&output.stdout, bytes, "fat {}", name.display());
+    }
+}
+
+/// Copies `member` of the FAT filesystem at `source` (`IMAGE@@OFFSET`) to standard output.
+fn mcopy(source: &str, member: &str) -> Output {
+    Command::new(find_tool("mcopy").unwrap())
+        .args(["-n", "-i", source, member, "-"])
+        // fusefat 0.1a leaves 0x8000 in FAT entry 1 (its "hard error" bit cleared); fsck.vfat
+        // accepts that, but mtools rejects the whole FAT unless MTOOLS_SKIP_CHECK is set.
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Copies `size` bytes at `start` of `image` into a new file of the sandbox.
+fn extract(sandbox: &Sandbox, image: &Path, start: u64, size: u64, name: &str) -> PathBuf {
+    let mut bytes = vec![0u8; size as usize];
+    let read = File::open(image)
+        .unwrap()
+        .read_at(&mut bytes, start)
+        .unwrap();
+    bytes.truncate(read);
+    sandbox.image_with(name, &bytes)
+}
+
+/// Mounts a read-only image made by `make_image` from a tree and checks that the tree reads
+/// back exactly and that writes are refused.
+fn read_only_image_reads_back(test: &str, tools: &[&str], make_image: fn(&Path, &Path)) {
+    let Some(sandbox) = Sandbox::new(test, tools) else {
+        return;
+    };
+    let tree = sandbox.path("tree");
+    make_tree(&tree);
+    let image = sandbox.path("tree.img");
+    make_image(&tree, &image);
+    let directory = sandbox.path("mnt");
+    fs::create_dir(&directory).unwrap();
+
+    mount(&sandbox, image.to_str().unwrap(), &directory);
+    let listed = sandbox.list();
+    assert_eq!(listed[0]["read_only"], true, "{listed:?}");
+    assert_eq!(read_tree(&directory), read_tree(&tree));
+    assert!(File::create(directory.join("new")).is_err());
+    let mut text = String::new();
+    File::open(directory.join("hello.txt"))
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    assert_eq!(text, "hello, loopfuse\n");
+    umount(&sandbox, &directory);
+
+    sandbox.assert_clean();
+}
+
+fn make_squashfs(tree: &Path, image: &Path) {
+    run_ok(
+        "mksquashfs",
+        [
+            tree.as_os_str(),
+            image.as_os_str(),
+            "-quiet".as_ref(),
+            "-noappend".as_ref(),
+        ],
+    );
+}
+
+#[test]
+fn squashfs_mounts_read_only_with_same_tree() {
+    read_only_image_reads_back(
+        "squashfs_mounts_read_only_with_same_tree",
+        &["mksquashfs", "squashfuse"],
+        make_squashfs,
+    );
+}
+
+#[test]
+fn iso9660_mounts_read_only_with_same_tree() {
+    read_only_image_reads_back(
+        "iso9660_mounts_read_only_with_same_tree",
+        &["xorriso", "fuseiso"],
+        |tree, image| {
+            // Rock Ridge (-R) keeps names as they are; plain ISO 9660 would upper-case them.
+            run_ok(
+                "xorriso",
+                [
+                    "-as".as_ref(),
+                    "mkisofs".as_ref(),
+                    "-quiet".as_ref(),
+                    "-R".as_ref(),
+                    "-o".as_ref(),
+                    image.as_os_str(),
+                    tree.as_os_str(),
+                ],
+            );
+        },
+    );
+}
+
+/// Runs `loopfuse mount` expecting a failure; returns its standard error.
+fn mount_fails(sandbox: &Sandbox, args: &[&std::ffi::OsStr]) -> String {
+    let mut command = sandbox.loopfuse(["mount"]);
+    command.args(args);
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    sandbox.assert_clean();
+    stderr
+}
+
+#[test]
+fn failed_mounts_leave_nothing_behind() {
+    let test = "failed_mounts_leave_nothing_behind";
+    let Some(sandbox) = Sandbox::new(test, &["sfdisk", "mkfs.vfat", "fuse2fs"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    sfdisk(&image, "label: gpt\n,20M,L\n,,L\n");
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+    run_ok("mkfs.vfat", [device.with_file_name("p1").as_os_str()]);
+    sandbox.detach(&device);
+    let directory = sandbox.path("mnt");
+    fs::create_dir(&directory).unwrap();
+    let image_name = image.to_str().unwrap();
+
+    let stderr = mount_fails(
+        &sandbox,
+        &[format!("{image_name}:3").as_ref(), directory.as_os_str()],
+    );
+    assert!(stderr.contains("no partition 3"), "{stderr}");
+    assert!(stderr.contains("partitions 1, 2"), "{stderr}");
+
+    let missing = sandbox.path("missing");
+    let stderr = mount_fails(
+        &sandbox,
+        &[format!("{image_name}:1").as_ref(), missing.as_os_str()],
+    );
+    assert!(stderr.contains("mount point does not exist"), "{stderr}");
+
+    // fuse2fs exits at once on a FAT filesystem, with its reason on standard error.
+    let stderr = mount_fails(
+        &sandbox,
+        &[
+            "-t".as_ref(),
+            "ext4".as_ref(),
+            format!("{image_name}:1").as_ref(),
+            directory.as_os_str(),
+        ],
+    );
+    assert!(stderr.contains("fuse2fs exited"), "{stderr}");
+    assert!(stderr.contains("magic"), "{stderr}");
+
+    let stderr = mount_fails(
+        &sandbox,
+        &[format!("{image_name}:2").as_ref(), directory.as_os_str()],
+    );
+    assert!(stderr.contains("first 64 KiB are zeros"), "{stderr}");
+
+    let stderr = mount_fails(&sandbox, &[image.as_os_str(), directory.as_os_str()]);
+    assert!(stderr.contains("gpt partition table"), "{stderr}");
+}
+
+#[test]
+fn unmountable_types_are_explained() {
+    let test = "unmountable_types_are_explained";
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let directory = sandbox.path("mnt");
+    fs::create_dir(&directory).unwrap();
+
+    let mut xfs = vec![0u8; 4 * MIB as usize];
+    xfs[..4].copy_from_slice(b"XFSB");
+    let image = sandbox.image_with("xfs.img", &xfs);
+    let stderr = mount_fails(&sandbox, &[image.as_os_str(), directory.as_os_str()]);
+    assert!(stderr.contains("xfs has no userspace driver"), "{stderr}");
+
+    let mut unknown = pattern(4 * MIB as usize, 3);
+    unknown[..4].copy_from_slice(b"\x7fELF");
+    let image = sandbox.image_with("unknown.img", &unknown);
+    let stderr = mount_fails(&sandbox, &[image.as_os_str(), directory.as_os_str()]);
+    assert!(
+        stderr.contains("unknown filesystem (first bytes: 7f 45 4c 46"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("-t TYPE"), "{stderr}");
+}
+
+#[test]
+fn missing_driver_names_its_package() {
+    let test = "missing_driver_names_its_package";
+    let Some(sandbox) = Sandbox::new(test, &["mksquashfs"]) else {
+        return;
+    };
+    let tree = sandbox.path("tree");
+    make_tree(&tree);
+    let image = sandbox.path("tree.img");
+    make_squashfs(&tree, &image);
+    let directory = sandbox.path("mnt");
+    fs::create_dir(&directory).unwrap();
+    // A PATH holding only the FUSE helper hides squashfuse, which lives in /usr/bin.
+    let bin = sandbox.path("bin");
+    fs::create_dir(&bin).unwrap();
+    if let Some(helper) = find_tool("fusermount3") {
+        std::os::unix::fs::symlink(helper, bin.join("fusermount3")).unwrap();
+    }
+
+    let output = sandbox
+        .loopfuse(["mount".as_ref(), image.as_os_str(), directory.as_os_str()])
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("needs squashfuse, which is not installed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("apt-get install squashfuse"), "{stderr}");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn umount_of_foreign_directory_is_refused() {
+    let test = "umount_of_foreign_directory_is_refused";
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let directory = sandbox.path("mnt");
+    fs::create_dir(&directory).unwrap();
+
+    let output = sandbox.run(["umount".as_ref(), directory.as_os_str()]);
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not mounted by loopfuse"), "{stderr}");
+}
+
+#[test]
+fn ntfs_round_trip_or_clear_refusal() {
+    let test = "ntfs_round_trip_or_clear_refusal";
+    let Some(sandbox) = Sandbox::new(test, &["mkntfs", "ntfs-3g"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("ntfs.img", 32 * MIB);
+    run_ok(
+        "mkntfs",
+        [
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-Q".as_ref(),
+            image.as_os_str(),
+        ],
+    );
+    let tree = sandbox.path("tree");
+    make_tree(&tree);
+    let directory = sandbox.path("mnt");
+    fs::create_dir(&directory).unwrap();
+    let setuid_driver = fs::metadata(find_tool("ntfs-3g").unwrap()).is_ok_and(|metadata| {
+        std::os::unix::fs::PermissionsExt::mode(&metadata.permissions()) & 0o4000 != 0
+    });
+    let allow_other = fs::read_to_string("/etc/fuse.conf")
+        .is_ok_and(|text| text.lines().any(|line| line.trim() == "user_allow_other"));
+
+    // Debian's ntfs-3g is setuid root, and root may not open another user's FUSE files
+    // unless the mount allows other users, which needs user_allow_other.
+    if !common::is_root() && setuid_driver && !allow_other {
+        let stderr = mount_fails(&sandbox, &[image.as_os_str(), directory.as_os_str()]);
+        assert!(stderr.contains("user_allow_other"), "{stderr}");
+        return;
+    }
+
+    mount(&sandbox, image.to_str().unwrap(), &directory);
+    copy_tree(&tree, &directory);
+    umount(&sandbox, &directory);
+    sandbox.assert_clean();
+
+    loopfuse_ok(
+        &sandbox,
+        &[
+            "mount".as_ref(),
+            "-o".as_ref(),
+            "ro".as_ref(),
+            image.as_os_str(),
+            directory.as_os_str(),
+        ],
+    );
+    assert_eq!(read_tree(&directory), read_tree(&tree));
+    umount(&sandbox, &directory);
+    sandbox.assert_clean();
+}

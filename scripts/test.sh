@@ -55,7 +55,7 @@ for binary in "${binaries[@]}"; do
     name=$(basename "$binary")
     echo "--> $name as $TEST_USER"
     setpriv --reuid="$TEST_USER" --regid="$TEST_USER" --init-groups \
-        env -i PATH="/usr/local/bin:/usr/bin:/bin" HOME="$stage" TMPDIR=/tmp \
+        env -i PATH="/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin" HOME="$stage" TMPDIR=/tmp \
         LOOPFUSE_BIN="$stage/loopfuse" LOOPFUSE_REQUIRE_FUSE="${LOOPFUSE_REQUIRE_FUSE:-}" \
         "$stage/$name" --show-output || status=1
 done

@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime};
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 
+use super::autoclear::{Autoclear, SessionStop, watch_owner};
 use super::partitions::PartitionScanner;
+use super::supervisor::PidFile;
 use super::{AttachError, AttachOptions, device_range};
 use crate::block::{BlockDevice, Window};
 use crate::fs::{DeviceFs, DeviceTable, Owner};
@@ -40,7 +42,8 @@ pub(super) fn parse_readiness(line: &str) -> Option<Result<(), String>> {
 }
 
 /// Serves the attachment `name` until it is unmounted or the process receives SIGTERM,
-/// SIGINT or SIGHUP. SIGUSR1 rescans the partition table.
+/// SIGINT or SIGHUP. SIGUSR1 rescans the partition table. With `options.lifecycle`, it also
+/// ends after the last close (`autoclear`) or once the process `until_exit` names exits.
 ///
 /// With [`Readiness::Pipe`], a failure before the mount is also written to the pipe.
 pub fn serve(
@@ -56,8 +59,8 @@ pub fn serve(
         log::warn!("{name}: cannot block stop signals: {error}");
     }
 
-    let session = match mount(options, registry, name) {
-        Ok(session) => session,
+    let (_pidfile, session) = match start(options, registry, name) {
+        Ok(started) => started,
         Err(error) => {
             if matches!(readiness, Readiness::Pipe) {
                 report_to_pipe(&format!("{ERROR_PREFIX}{}", crate::error_chain(&error)));
@@ -70,6 +73,7 @@ pub fn serve(
         disk,
         image,
         scanner,
+        autoclear,
     } = session;
 
     match readiness {
@@ -85,9 +89,20 @@ pub fn serve(
         registry.mountpoint(name).display()
     );
 
-    let mut unmounter = session.unmount_callable();
-    let signal_name = name.to_string();
     let mountpoint = registry.mountpoint(name);
+    let stop = Arc::new(SessionStop::new(
+        name,
+        mountpoint.clone(),
+        session.unmount_callable(),
+    ));
+    if let Some(autoclear) = autoclear {
+        autoclear.spawn(name.to_string(), mountpoint);
+    }
+    if let Some(pid) = options.lifecycle.until_exit {
+        watch_owner(pid, stop.clone());
+    }
+
+    let signal_name = name.to_string();
     std::thread::spawn(move || {
         while let Ok(signal) = signals.wait() {
             if signal == Signal::SIGUSR1 {
@@ -103,11 +118,7 @@ pub fn serve(
                 continue;
             }
 
-            log::info!("{signal_name}: {signal} received, unmounting");
-            if let Err(error) = unmounter.unmount() {
-                log::warn!("{signal_name}: unmount failed ({error}); detaching lazily");
-                let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
-            }
+            stop.stop(&format!("{signal} received"));
             break;
         }
     });
@@ -133,6 +144,8 @@ struct Mounted {
     image: std::path::PathBuf,
     /// Present when the attachment exposes partitions.
     scanner: Option<Arc<PartitionScanner>>,
+    /// Present when the attachment detaches itself after the last close.
+    autoclear: Option<Autoclear>,
 }
 
 fn stop_signals() -> SigSet {
@@ -146,6 +159,21 @@ fn stop_signals() -> SigSet {
         signals.add(signal);
     }
     signals
+}
+
+/// Writes the PID file, then mounts. A failed mount removes the PID file again.
+fn start(
+    options: &AttachOptions,
+    registry: &Registry,
+    name: &str,
+) -> Result<(Option<PidFile>, Mounted), AttachError> {
+    let pidfile = match &options.lifecycle.pidfile {
+        Some(path) => Some(PidFile::create(path)?),
+        None => None,
+    };
+    let mounted = mount(options, registry, name)?;
+
+    Ok((pidfile, mounted))
 }
 
 /// Opens the image, builds the device files and mounts them; updates the state file.
@@ -179,6 +207,12 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
         current_owner(),
         image_mtime(&image_path),
     );
+    let mut autoclear = None;
+    if options.lifecycle.autoclear {
+        let (hooked, watcher) = Autoclear::install(filesystem, devices.clone());
+        filesystem = hooked;
+        autoclear = Some(watcher);
+    }
 
     let scanner = options.partscan.then(|| {
         Arc::new(PartitionScanner::new(
@@ -213,6 +247,7 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
         disk,
         image: image_path,
         scanner,
+        autoclear,
     })
 }
 

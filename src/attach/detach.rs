@@ -17,7 +17,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a busy device is retried before `detach` reports it. A program that just
 /// closed the device may still be exiting: `fuse2fs`, for one, closes it only after its own
 /// unmount has returned.
-const BUSY_RETRY: Duration = Duration::from_millis(1500);
+pub(super) const BUSY_RETRY: Duration = Duration::from_millis(1500);
 
 /// Errors from detaching.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +118,7 @@ fn unmount(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
     }
 }
 
-fn unmount_once(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
+pub(super) fn unmount_once(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
     if !is_mounted(mountpoint) {
         // Still starting, or already unmounted: the daemon exits by itself.
         return Ok(());

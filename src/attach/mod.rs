@@ -7,10 +7,13 @@
 //! which is a pipe back to `attach`. This module does not depend on partition formats.
 #![forbid(unsafe_code)]
 
+mod autoclear;
 mod daemon;
 mod detach;
 pub mod environment;
+mod lifecycle;
 mod partitions;
+mod supervisor;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 pub use daemon::{Readiness, serve};
 pub use detach::{DetachError, detach, detach_all};
 pub use environment::EnvironmentError;
+pub use lifecycle::{Lifecycle, LifecycleError};
 pub use partitions::{RescanError, rescan};
 
 use crate::image::{self, Access, ImageError};
@@ -50,6 +54,8 @@ pub struct AttachOptions {
     pub sector_size: u32,
     /// Whether users other than the attaching one may open the device files.
     pub allow_other: bool,
+    /// When the attachment detaches itself, and where its PID is published.
+    pub lifecycle: Lifecycle,
 }
 
 impl AttachOptions {
@@ -63,6 +69,7 @@ impl AttachOptions {
             partscan: false,
             sector_size: 512,
             allow_other: false,
+            lifecycle: Lifecycle::default(),
         }
     }
 
@@ -84,6 +91,9 @@ pub enum AttachError {
 
     #[error(transparent)]
     Environment(#[from] EnvironmentError),
+
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
 
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -223,6 +233,7 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
         return Err(explain_lock_conflict(error, registry));
     }
     environment::check_mount_possible()?;
+    options.lifecycle.validate()?;
 
     Ok((offset, size))
 }
@@ -347,7 +358,8 @@ pub fn attach(options: &AttachOptions, registry: &Registry) -> Result<Attached, 
 
 /// Runs an attachment in this process until it is detached or receives SIGTERM or SIGINT.
 ///
-/// `on_ready` is called with the attachment once the device file is usable.
+/// `on_ready` is called with the attachment once the device file is usable; then a
+/// supervisor named by `NOTIFY_SOCKET` is sent `READY=1`.
 pub fn attach_foreground(
     options: &AttachOptions,
     registry: &Registry,
@@ -363,6 +375,7 @@ pub fn attach_foreground(
         &name,
         Readiness::Callback(Box::new(|| {
             on_ready(&attached(registry, &name));
+            supervisor::notify_ready(&name);
         })),
     );
     // `serve` removes the entry itself once it has mounted; this covers earlier failures.
@@ -399,6 +412,7 @@ fn daemon_arguments(options: &AttachOptions) -> Vec<String> {
             arguments.push(flag.to_string());
         }
     }
+    arguments.extend(options.lifecycle.daemon_arguments());
     arguments.push("--".to_string());
     arguments.push(options.image.to_string_lossy().into_owned());
     arguments

@@ -4,6 +4,7 @@
 //! `-b`, `--show`, `-J`, `-n`). This module only calls the library.
 #![forbid(unsafe_code)]
 
+mod lifecycle;
 mod list;
 mod size;
 
@@ -14,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::attach::{self, AttachOptions, SECTOR_SIZES};
 use crate::registry::Registry;
+pub use lifecycle::LifecycleArgs;
 pub use size::parse_size;
 
 /// Attach raw disk images as loop-like device files through FUSE, without root and without
@@ -87,6 +89,7 @@ impl DeviceArgs {
             partscan: self.partscan,
             sector_size: self.sector_size,
             allow_other: self.allow_other,
+            lifecycle: Default::default(),
         }
     }
 }
@@ -103,6 +106,9 @@ pub struct AttachArgs {
     /// Serve the device from this process until it is detached or interrupted.
     #[arg(short, long)]
     pub foreground: bool,
+
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +147,9 @@ pub struct DaemonArgs {
 
     #[command(flatten)]
     pub device: DeviceArgs,
+
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
 }
 
 fn parse_sector_size(text: &str) -> Result<u32, String> {
@@ -175,7 +184,10 @@ type CommandResult = Result<(), Box<dyn std::error::Error>>;
 
 fn run_attach(args: &AttachArgs) -> CommandResult {
     let registry = Registry::for_current_user()?;
-    let options = args.device.to_options();
+    let options = AttachOptions {
+        lifecycle: args.lifecycle.to_lifecycle(),
+        ..args.device.to_options()
+    };
 
     if args.foreground {
         attach::attach_foreground(&options, &registry, |attached| {
@@ -238,11 +250,10 @@ fn run_rescan(args: &RescanArgs) -> CommandResult {
 
 fn run_daemon(args: &DaemonArgs) -> CommandResult {
     let registry = attach::daemon_registry()?;
-    attach::serve(
-        &args.device.to_options(),
-        &registry,
-        &args.name,
-        attach::Readiness::Pipe,
-    )?;
+    let options = AttachOptions {
+        lifecycle: args.lifecycle.to_lifecycle(),
+        ..args.device.to_options()
+    };
+    attach::serve(&options, &registry, &args.name, attach::Readiness::Pipe)?;
     Ok(())
 }

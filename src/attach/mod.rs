@@ -13,6 +13,7 @@ mod detach;
 pub mod environment;
 mod lifecycle;
 mod partitions;
+mod run;
 mod supervisor;
 
 use std::io::{BufRead, BufReader};
@@ -26,6 +27,7 @@ pub use detach::{DetachError, detach, detach_all};
 pub use environment::EnvironmentError;
 pub use lifecycle::{Lifecycle, LifecycleError};
 pub use partitions::{RescanError, rescan};
+pub use run::{RunError, run_attached};
 
 use crate::image::{self, Access, ImageError};
 use crate::registry::{AttachmentState, ProcessId, Registry, RegistryError, Stage};

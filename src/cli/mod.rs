@@ -6,6 +6,7 @@
 
 mod lifecycle;
 mod list;
+mod run;
 mod size;
 
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::attach::{self, AttachOptions, SECTOR_SIZES};
 use crate::registry::Registry;
 pub use lifecycle::LifecycleArgs;
+pub use run::RunArgs;
 pub use size::parse_size;
 
 /// Attach raw disk images as loop-like device files through FUSE, without root and without
@@ -42,6 +44,8 @@ pub enum Command {
     List(ListArgs),
     /// Re-read the partition table of an attachment made with --partscan.
     Rescan(RescanArgs),
+    /// Attach an image, run a command on it, then detach, also when the command fails.
+    Run(RunArgs),
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
     Daemon(DaemonArgs),
@@ -169,6 +173,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::List(args) => run_list(&args),
         Command::Rescan(args) => run_rescan(&args),
         Command::Daemon(args) => run_daemon(&args),
+        Command::Run(args) => return run::run_command(&args),
     };
 
     match result {

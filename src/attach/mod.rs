@@ -12,6 +12,7 @@ mod daemon;
 mod detach;
 pub mod environment;
 mod lifecycle;
+pub mod namespace;
 mod partitions;
 mod run;
 mod supervisor;
@@ -26,6 +27,7 @@ pub use daemon::{Readiness, serve};
 pub use detach::{DetachError, detach, detach_all};
 pub use environment::EnvironmentError;
 pub use lifecycle::{Lifecycle, LifecycleError};
+pub use namespace::NamespaceError;
 pub use partitions::{RescanError, rescan};
 pub use run::{RunError, run_attached};
 
@@ -93,6 +95,14 @@ pub enum AttachError {
 
     #[error(transparent)]
     Environment(#[from] EnvironmentError),
+
+    #[error(
+        "{source}; 'loopfuse run IMAGE -- COMMAND' can still attach, in a private user namespace whose mounts only COMMAND sees"
+    )]
+    NamespaceOnly { source: EnvironmentError },
+
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
 
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
@@ -234,10 +244,20 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
     if let Err(error) = image::check_unlocked(&info.path, options.access()) {
         return Err(explain_lock_conflict(error, registry));
     }
-    environment::check_mount_possible()?;
+    environment::check_mount_possible().map_err(explain_environment)?;
     options.lifecycle.validate()?;
 
     Ok((offset, size))
+}
+
+/// Adds to an environment error that `loopfuse run` still works, when the setuid helper is
+/// the only problem and the kernel settings allow user namespaces.
+fn explain_environment(error: EnvironmentError) -> AttachError {
+    if error.is_about_fusermount() && namespace::user_namespace_restrictions().is_empty() {
+        AttachError::NamespaceOnly { source: error }
+    } else {
+        AttachError::Environment(error)
+    }
 }
 
 /// Replaces a lock conflict with one naming the attachment that holds the lock, when the

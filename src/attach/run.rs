@@ -4,6 +4,10 @@
 //! SIGINT, SIGTERM and SIGHUP sent to this process are forwarded to the command, which is
 //! then waited for before the detach. The daemon is tied to this process (`--until-exit`),
 //! so even a SIGKILL here leaves no attachment behind once the daemon notices.
+//!
+//! When the setuid helper is unusable, an unprivileged caller first moves into a private
+//! user and mount namespace (see [`super::namespace`]); the daemon and the command inherit
+//! it, so the command sees the mount that nobody outside sees.
 
 use std::ffi::OsString;
 use std::io;
@@ -17,9 +21,11 @@ use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
-use nix::unistd::Pid;
+use nix::unistd::{Pid, Uid};
 
 use super::detach::{DetachError, detach};
+use super::environment::{self, EnvironmentError};
+use super::namespace::{self, NamespaceError};
 use super::{AttachError, AttachOptions, Attached, attach};
 use crate::registry::{Registry, RegistryError};
 
@@ -40,6 +46,12 @@ pub enum RunError {
     #[error(transparent)]
     Attach(#[from] AttachError),
 
+    #[error("{environment}; mounting in a private user namespace instead failed too")]
+    NoMountMethod {
+        environment: EnvironmentError,
+        source: NamespaceError,
+    },
+
     #[error("cannot set up forwarding of SIGINT, SIGTERM and SIGHUP to the command")]
     Signals { source: nix::Error },
 
@@ -56,6 +68,8 @@ pub enum RunError {
 /// Returns the exit status for the caller: the command's, 128 plus the signal number when a
 /// signal killed it, 126 or 127 when it could not be started, and 1 when it succeeded but
 /// the detach failed. Problems after the attach are passed to `report` as they happen.
+/// Must be called while the process has a single thread, because entering a user
+/// namespace requires that.
 pub fn run_attached(
     options: &AttachOptions,
     registry: &Registry,
@@ -63,6 +77,7 @@ pub fn run_attached(
     mut report: impl FnMut(&dyn std::error::Error),
 ) -> Result<u8, RunError> {
     let signals = ForwardedSignals::block()?;
+    choose_mount_method()?;
 
     let mut options = options.clone();
     options.lifecycle.until_exit = Some(std::process::id() as i32);
@@ -86,6 +101,29 @@ pub fn run_attached(
         }
     }
     Ok(status)
+}
+
+/// Keeps the default mount method when it works. When the setuid helper is the only
+/// problem for an unprivileged user, enters a private user namespace instead.
+fn choose_mount_method() -> Result<(), RunError> {
+    let error = match environment::check_mount_possible() {
+        Ok(()) => return Ok(()),
+        Err(error) => error,
+    };
+    if Uid::effective().is_root() || !error.is_about_fusermount() {
+        return Err(AttachError::Environment(error).into());
+    }
+
+    match namespace::enter_private_namespace() {
+        Ok(()) => {
+            log::info!("{error}; mounting in a private user namespace instead");
+            Ok(())
+        }
+        Err(source) => Err(RunError::NoMountMethod {
+            environment: error,
+            source,
+        }),
+    }
 }
 
 /// Starts the command, forwards signals to it until it ends, and returns the exit status

@@ -93,11 +93,11 @@ pub enum AttachError {
     #[error(transparent)]
     Image(#[from] ImageError),
 
-    #[error(transparent)]
+    #[error("{0} (run 'loopfuse doctor' for every check)")]
     Environment(#[from] EnvironmentError),
 
     #[error(
-        "{source}; 'loopfuse run IMAGE -- COMMAND' can still attach, in a private user namespace whose mounts only COMMAND sees"
+        "{source}; 'loopfuse run IMAGE -- COMMAND' can still attach, in a private user namespace whose mounts only COMMAND sees (run 'loopfuse doctor' for every check)"
     )]
     NamespaceOnly { source: EnvironmentError },
 
@@ -139,7 +139,7 @@ pub enum AttachError {
         read_only: bool,
     },
 
-    #[error("{}: cannot mount at {}", image.display(), mountpoint.display())]
+    #[error("{}: cannot mount at {} (run 'loopfuse doctor' to check the environment)", image.display(), mountpoint.display())]
     Mount {
         image: PathBuf,
         mountpoint: PathBuf,

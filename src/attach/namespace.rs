@@ -16,7 +16,7 @@ use nix::unistd::{getgid, getuid};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NamespaceError {
-    #[error("cannot create a user namespace")]
+    #[error("cannot create a user namespace (run 'loopfuse doctor' to see why)")]
     Unshare { source: nix::Error },
 
     #[error("{}: cannot write the ID map of the new user namespace", path.display())]

@@ -4,6 +4,7 @@
 //! `-b`, `--show`, `-J`, `-n`). This module only calls the library.
 #![forbid(unsafe_code)]
 
+mod doctor;
 mod lifecycle;
 mod list;
 mod run;
@@ -16,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::attach::{self, AttachOptions, SECTOR_SIZES};
 use crate::registry::Registry;
+pub use doctor::DoctorArgs;
 pub use lifecycle::LifecycleArgs;
 pub use run::RunArgs;
 pub use size::parse_size;
@@ -46,6 +48,8 @@ pub enum Command {
     Rescan(RescanArgs),
     /// Attach an image, run a command on it, then detach, also when the command fails.
     Run(RunArgs),
+    /// Check everything an attachment needs and print the fix for each failure.
+    Doctor(DoctorArgs),
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
     Daemon(DaemonArgs),
@@ -174,6 +178,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Rescan(args) => run_rescan(&args),
         Command::Daemon(args) => run_daemon(&args),
         Command::Run(args) => return run::run_command(&args),
+        Command::Doctor(args) => return doctor::run_doctor(&args),
     };
 
     match result {

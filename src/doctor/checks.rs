@@ -50,9 +50,15 @@ pub(super) fn run_all() -> Report {
     let pid = std::process::id();
 
     let (direct, direct_version) = if !device_ok {
-        (skipped("trial mount", "/dev/fuse is unusable"), None)
+        (
+            skipped("trial mount", "not tried, because /dev/fuse is unusable"),
+            None,
+        )
     } else if !helper_ok {
-        (skipped("trial mount", "fusermount3 is unusable"), None)
+        (
+            skipped("trial mount", "not tried, because fusermount3 is unusable"),
+            None,
+        )
     } else {
         direct_mount(
             is_root,
@@ -83,7 +89,7 @@ pub(super) fn run_all() -> Report {
 }
 
 fn skipped(subject: &str, reason: &str) -> Check {
-    Check::new(Verdict::Skip, subject, format!("skipped: {reason}"))
+    Check::new(Verdict::Skip, subject, reason)
 }
 
 fn container_check(container: Option<&Container>) -> Check {
@@ -307,9 +313,7 @@ impl NamespaceNeed {
         match self {
             NamespaceNeed::NotNeeded => "root does not need them",
             NamespaceNeed::Fallback => "'run' needs them only where fusermount3 is unusable",
-            NamespaceNeed::Required => {
-                "so 'run' cannot replace the unusable fusermount3 with a private user namespace"
-            }
+            NamespaceNeed::Required => "'run' needs them, because fusermount3 is unusable",
         }
     }
 }
@@ -395,11 +399,14 @@ fn namespace_mount(
 ) -> Check {
     const SUBJECT: &str = "FUSE mount in a user namespace";
     if probe.unshare.is_err() {
-        return skipped(SUBJECT, "no user namespace could be created");
+        return skipped(
+            SUBJECT,
+            "not tried, because no user namespace could be created",
+        );
     }
 
     let reason = match &probe.mount {
-        None => return skipped(SUBJECT, "/dev/fuse is unusable"),
+        None => return skipped(SUBJECT, "not tried, because /dev/fuse is unusable"),
         Some(Ok(_)) => {
             return Check::new(
                 Verdict::Ok,
@@ -489,7 +496,7 @@ fn protocol(direct_version: Option<&str>, probe: &NamespaceProbe) -> Check {
     }
     skipped(
         SUBJECT,
-        "unknown, because no trial mount worked and /sys/module/fuse has no version attribute",
+        "version unknown, because no trial mount worked and /sys/module/fuse has no version attribute",
     )
 }
 

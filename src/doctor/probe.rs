@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::trial::trial_mount;
 use crate::attach::environment::check_fuse_device;
-use crate::attach::namespace::enter_private_namespace;
+use crate::attach::namespace::{NamespaceError, enter_private_namespace};
 
 /// Longer than the trial mount's own wait for INIT, so that a slow mount is reported as
 /// such and not as a hung probe.
@@ -32,7 +32,12 @@ pub struct NamespaceProbe {
 /// Runs in the probe child: enters the namespace, tries the mount and returns the report.
 pub fn probe_in_namespace(mountpoint: &Path) -> String {
     if let Err(error) = enter_private_namespace() {
-        return format!("unshare failed\t{}\n", crate::error_chain(&error));
+        // The plain errno: the message of the error itself points to this doctor.
+        let reason = match &error {
+            NamespaceError::Unshare { source } => format!("unshare(2): {source}"),
+            other => crate::error_chain(other),
+        };
+        return format!("unshare failed\t{reason}\n");
     }
     let mut report = "unshare ok\n".to_string();
 

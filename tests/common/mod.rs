@@ -5,6 +5,8 @@
 //! fails instead when `LOOPFUSE_REQUIRE_FUSE=1` (as CI sets it).
 #![allow(dead_code)]
 
+pub mod unprivileged;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

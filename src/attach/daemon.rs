@@ -259,7 +259,8 @@ fn record_attached(registry: &Registry, name: &str) -> Result<(), AttachError> {
     Ok(())
 }
 
-fn session_config(options: &AttachOptions) -> Config {
+/// Builds the FUSE session configuration of an attachment: mount options, access, threads.
+pub(crate) fn session_config(options: &AttachOptions) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("loopfuse".to_string()),

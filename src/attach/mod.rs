@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub(crate) use daemon::session_config;
 pub use daemon::{Readiness, serve};
 pub use detach::{DetachError, detach, detach_all};
 pub use environment::EnvironmentError;

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::sync::mpsc::{Sender, channel};
 use std::time::Duration;
 
-use fuser::{Config, Filesystem, KernelConfig, MountOption, Request, SessionACL, Version};
+use fuser::{Filesystem, KernelConfig, Request, Version};
+
+use crate::attach::{AttachOptions, session_config};
 
 /// How long the trial waits for the kernel's INIT request after mounting.
 const INIT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,16 +63,12 @@ pub fn trial_mount(mountpoint: &Path) -> Result<Version, TrialError> {
 
 fn mount_and_unmount(mountpoint: &Path) -> Result<Version, TrialError> {
     let (sender, receiver) = channel();
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName("loopfuse-doctor".to_string()),
-        MountOption::Subtype("loopfuse".to_string()),
-        MountOption::NoSuid,
-        MountOption::NoDev,
-        MountOption::NoExec,
-        MountOption::RO,
-    ];
-    config.acl = SessionACL::Owner;
+    // The mount options of a read-only attachment, so the trial meets what one would meet.
+    let mut config = session_config(&AttachOptions {
+        read_only: true,
+        ..AttachOptions::new(mountpoint)
+    });
+    config.n_threads = Some(1);
 
     let session = fuser::Session::new(TrialFs { version: sender }, mountpoint, &config)
         .map_err(|source| TrialError::Mount { source })?;

@@ -331,6 +331,15 @@ fn run_without_fusermount_uses_user_namespace() {
     assert_eq!(user.list(), Vec::<serde_json::Value>::new());
 }
 
+/// Asserts that an autoclear attachment is gone within a second of its last close.
+fn assert_autoclear_detached(sandbox: &Sandbox) {
+    let unmounted = wait_until(Duration::from_secs(1), || sandbox.mounts().is_empty());
+    assert!(unmounted, "still mounted a second after the last close");
+    let unregistered = wait_until(Duration::from_secs(1), || sandbox.list().is_empty());
+    assert!(unregistered, "still registered after the unmount");
+    sandbox.assert_clean();
+}
+
 #[test]
 fn autoclear_detaches_after_last_close() {
     let Some(sandbox) = Sandbox::new("autoclear_detaches_after_last_close", &[]) else {
@@ -345,12 +354,7 @@ fn autoclear_detaches_after_last_close() {
 
     drop(File::open(&device).unwrap());
 
-    let gone = wait_until(Duration::from_secs(1), || sandbox.mounts().is_empty());
-    assert!(gone, "still mounted a second after the last close");
-    assert!(wait_until(Duration::from_secs(1), || sandbox
-        .list()
-        .is_empty()));
-    sandbox.assert_clean();
+    assert_autoclear_detached(&sandbox);
 }
 
 #[test]
@@ -373,12 +377,7 @@ fn autoclear_waits_for_every_close() {
     assert_eq!(sandbox.list().len(), 1);
 
     drop(second);
-    let gone = wait_until(Duration::from_secs(1), || sandbox.mounts().is_empty());
-    assert!(gone, "still mounted a second after the last close");
-    assert!(wait_until(Duration::from_secs(1), || sandbox
-        .list()
-        .is_empty()));
-    sandbox.assert_clean();
+    assert_autoclear_detached(&sandbox);
 }
 
 #[test]

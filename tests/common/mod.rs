@@ -190,14 +190,7 @@ impl Sandbox {
 
     /// The parsed output of `loopfuse list --json`.
     pub fn list(&self) -> Vec<serde_json::Value> {
-        let output = self.run(["list", "--json"]);
-        assert!(
-            output.status.success(),
-            "list failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-        listing["attachments"].as_array().unwrap().clone()
+        parse_listing(&self.run(["list", "--json"]))
     }
 
     /// PID of the daemon serving the attachment `name`.
@@ -255,6 +248,17 @@ impl Drop for Sandbox {
             );
         }
     }
+}
+
+/// Parses the output of a successful `loopfuse list --json` into its attachments.
+pub fn parse_listing(output: &Output) -> Vec<serde_json::Value> {
+    assert!(
+        output.status.success(),
+        "list failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    listing["attachments"].as_array().unwrap().clone()
 }
 
 fn lazy_unmount(mountpoint: &Path) {

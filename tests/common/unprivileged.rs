@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use super::{Sandbox, find_tool, is_root, loopfuse_binary};
+use super::{Sandbox, find_tool, is_root, loopfuse_binary, parse_listing};
 
 /// User and group ID of `nobody`, which the tests become when they run as root.
 pub const NOBODY: u32 = 65534;
@@ -114,14 +114,7 @@ impl<'a> Unprivileged<'a> {
 
     /// Lists the attachments in the unprivileged user's registry.
     pub fn list(&self) -> Vec<serde_json::Value> {
-        let output = self.loopfuse(["list", "--json"]).output().unwrap();
-        assert!(
-            output.status.success(),
-            "list failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-        listing["attachments"].as_array().unwrap().clone()
+        parse_listing(&self.loopfuse(["list", "--json"]).output().unwrap())
     }
 
     /// Returns whether the unprivileged user may create a user namespace, tried with `unshare(1)`

@@ -114,6 +114,8 @@ fn choose_mount_method() -> Result<(), RunError> {
         return Err(AttachError::Environment(error).into());
     }
 
+    // NOTE: 'loopfuse list' outside the namespace still shows such an attachment, with a
+    // device path that exists only inside the namespace.
     match namespace::enter_private_namespace() {
         Ok(()) => {
             log::info!("{error}; mounting in a private user namespace instead");

@@ -47,8 +47,17 @@ pub enum Command {
     /// Re-read the partition table of an attachment made with --partscan.
     Rescan(RescanArgs),
     /// Attach an image, run a command on it, then detach, also when the command fails.
+    ///
+    /// The command finds the device file in LOOPFUSE_DEV, its directory in LOOPFUSE_DIR and,
+    /// with -P, the partitions in LOOPFUSE_P1, LOOPFUSE_P2, ... SIGINT, SIGTERM and SIGHUP
+    /// are forwarded to it. The exit status is the command's, or 128+N when signal N killed
+    /// it. Without a usable fusermount3, an unprivileged user's command runs in a private
+    /// user namespace, the only place where the mount is visible.
     Run(RunArgs),
     /// Check everything an attachment needs and print the fix for each failure.
+    ///
+    /// Prints one line per check (ok, warn, FAIL, skip, info) and a verdict, and exits 0
+    /// only when 'attach' or 'run' can mount here.
     Doctor(DoctorArgs),
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
@@ -111,7 +120,8 @@ pub struct AttachArgs {
     #[arg(long)]
     pub show: bool,
 
-    /// Serve the device from this process until it is detached or interrupted.
+    /// Serve the device from this process until it is detached or interrupted, and send
+    /// READY=1 to NOTIFY_SOCKET when it is set (systemd Type=notify).
     #[arg(short, long)]
     pub foreground: bool,
 

@@ -7,7 +7,7 @@
 //!
 //! When the setuid helper is unusable, an unprivileged caller first moves into a private
 //! user and mount namespace (see [`super::namespace`]); the daemon and the command inherit
-//! it, so the command sees the mount that nobody outside sees.
+//! it, so the command sees a mount that no process outside sees.
 
 use std::ffi::OsString;
 use std::io;

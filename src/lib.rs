@@ -7,6 +7,7 @@
 pub mod attach;
 pub mod block;
 pub mod cli;
+pub mod doctor;
 pub mod fs;
 pub mod image;
 pub mod mount;

@@ -16,6 +16,8 @@ LOOPFUSE_TOOLS=(
     "qemu-img:qemu-utils"
     "partx:util-linux"
     "setpriv:util-linux"
+    "unshare:util-linux"
+    "nsenter:util-linux"
     "gzip:gzip"
     "debugfs:e2fsprogs"
     "fusefat:fusefat"

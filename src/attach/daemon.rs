@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 
+use super::autoclear::{Autoclear, SessionStop, watch_owner};
 use super::partitions::PartitionScanner;
+use super::supervisor::PidFile;
 use super::{AttachError, AttachOptions, device_range};
 use crate::block::overlay::{OverlayMode, open_overlay};
 use crate::block::{BlockDevice, Window};
@@ -42,7 +44,8 @@ pub(super) fn parse_readiness(line: &str) -> Option<Result<(), String>> {
 }
 
 /// Serves the attachment `name` until it is unmounted or the process receives SIGTERM,
-/// SIGINT or SIGHUP. SIGUSR1 rescans the partition table.
+/// SIGINT or SIGHUP. SIGUSR1 rescans the partition table. With `options.lifecycle`, it also
+/// ends after the last close (`autoclear`) or once the process `until_exit` names exits.
 ///
 /// With [`Readiness::Pipe`], a failure before the mount is also written to the pipe.
 pub fn serve(
@@ -58,8 +61,8 @@ pub fn serve(
         log::warn!("{name}: cannot block stop signals: {error}");
     }
 
-    let session = match mount(options, registry, name) {
-        Ok(session) => session,
+    let (_pidfile, session) = match start(options, registry, name) {
+        Ok(started) => started,
         Err(error) => {
             if matches!(readiness, Readiness::Pipe) {
                 report_to_pipe(&format!("{ERROR_PREFIX}{}", crate::error_chain(&error)));
@@ -72,6 +75,7 @@ pub fn serve(
         disk,
         image,
         scanner,
+        autoclear,
     } = session;
 
     match readiness {
@@ -87,9 +91,20 @@ pub fn serve(
         registry.mountpoint(name).display()
     );
 
-    let mut unmounter = session.unmount_callable();
-    let signal_name = name.to_string();
     let mountpoint = registry.mountpoint(name);
+    let stop = Arc::new(SessionStop::new(
+        name,
+        mountpoint.clone(),
+        session.unmount_callable(),
+    ));
+    if let Some(autoclear) = autoclear {
+        autoclear.spawn(name.to_string(), mountpoint);
+    }
+    if let Some(pid) = options.lifecycle.until_exit {
+        watch_owner(pid, stop.clone());
+    }
+
+    let signal_name = name.to_string();
     std::thread::spawn(move || {
         while let Ok(signal) = signals.wait() {
             if signal == Signal::SIGUSR1 {
@@ -105,11 +120,7 @@ pub fn serve(
                 continue;
             }
 
-            log::info!("{signal_name}: {signal} received, unmounting");
-            if let Err(error) = unmounter.unmount() {
-                log::warn!("{signal_name}: unmount failed ({error}); detaching lazily");
-                let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
-            }
+            stop.stop(&format!("{signal} received"));
             break;
         }
     });
@@ -140,6 +151,8 @@ struct Mounted {
     image: std::path::PathBuf,
     /// Present when the attachment exposes partitions.
     scanner: Option<Arc<PartitionScanner>>,
+    /// Present when the attachment detaches itself after the last close.
+    autoclear: Option<Autoclear>,
 }
 
 fn stop_signals() -> SigSet {
@@ -153,6 +166,21 @@ fn stop_signals() -> SigSet {
         signals.add(signal);
     }
     signals
+}
+
+/// Writes the PID file, then mounts. A failed mount removes the PID file again.
+fn start(
+    options: &AttachOptions,
+    registry: &Registry,
+    name: &str,
+) -> Result<(Option<PidFile>, Mounted), AttachError> {
+    let pidfile = match &options.lifecycle.pidfile {
+        Some(path) => Some(PidFile::create(path)?),
+        None => None,
+    };
+    let mounted = mount(options, registry, name)?;
+
+    Ok((pidfile, mounted))
 }
 
 /// Opens the image (and its overlay), builds the device files and mounts them; updates the
@@ -184,6 +212,12 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
         image_mtime(&image_path),
     )
     .with_cache(options.cache);
+    let mut autoclear = None;
+    if options.lifecycle.autoclear {
+        let (hooked, watcher) = Autoclear::install(filesystem, devices.clone());
+        filesystem = hooked;
+        autoclear = Some(watcher);
+    }
 
     let scanner = options.partscan.then(|| {
         Arc::new(PartitionScanner::new(
@@ -218,6 +252,7 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
         disk,
         image: image_path,
         scanner,
+        autoclear,
     })
 }
 
@@ -280,7 +315,8 @@ fn record_attached(
     Ok(())
 }
 
-fn session_config(options: &AttachOptions) -> Config {
+/// Builds the FUSE session configuration of an attachment: mount options, access, threads.
+pub(crate) fn session_config(options: &AttachOptions) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("loopfuse".to_string()),

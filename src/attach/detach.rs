@@ -9,7 +9,8 @@ use nix::unistd::Uid;
 
 use super::environment::{FUSERMOUNT, find_fusermount};
 use super::is_mounted;
-use crate::registry::{Entry, Liveness, Registry, RegistryError};
+use super::namespace::in_other_mount_namespace;
+use crate::registry::{Entry, Liveness, Registry, RegistryError, Stage};
 
 /// How long `detach` waits for the daemon to flush and exit after the unmount.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -17,7 +18,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a busy device is retried before `detach` reports it. A program that just
 /// closed the device may still be exiting: `fuse2fs`, for one, closes it only after its own
 /// unmount has returned.
-const BUSY_RETRY: Duration = Duration::from_millis(1500);
+pub(super) const BUSY_RETRY: Duration = Duration::from_millis(1500);
 
 /// Errors from detaching.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +98,14 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
         return Ok(());
     }
 
-    unmount(name, &entry.mountpoint)?;
+    if entry.state.stage == Stage::Attached
+        && !is_mounted(&entry.mountpoint)
+        && in_other_mount_namespace(entry.state.pid.pid)
+    {
+        stop_namespace_daemon(entry)?;
+    } else {
+        unmount(name, &entry.mountpoint)?;
+    }
     wait_for_exit(registry, entry)?;
     // The daemon removes its own entry; this covers a daemon that died while flushing.
     registry.remove(name);
@@ -135,7 +143,7 @@ pub(crate) fn unmount(name: &str, mountpoint: &Path) -> Result<(), DetachError> 
     }
 }
 
-fn unmount_once(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
+pub(super) fn unmount_once(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
     if !is_mounted(mountpoint) {
         // Still starting, or already unmounted: the daemon exits by itself.
         return Ok(());
@@ -158,6 +166,31 @@ fn unmount_once(name: &str, mountpoint: &Path) -> Result<(), DetachError> {
             name: name.to_string(),
             mountpoint: mountpoint.to_path_buf(),
             reason,
+        }),
+    }
+}
+
+/// Asks the daemon of an attachment mounted in the private namespace of `loopfuse run` to
+/// unmount, since the mount cannot be reached from here. The daemon unmounts as it does on
+/// SIGTERM.
+fn stop_namespace_daemon(entry: &Entry) -> Result<(), DetachError> {
+    let name = &entry.state.name;
+    log::info!(
+        "{name}: mounted in another mount namespace; stopping its daemon (pid {})",
+        entry.state.pid.pid
+    );
+
+    let daemon = nix::unistd::Pid::from_raw(entry.state.pid.pid);
+    match nix::sys::signal::kill(daemon, nix::sys::signal::Signal::SIGTERM) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(errno) => Err(DetachError::Unmount {
+            name: name.clone(),
+            mountpoint: entry.mountpoint.clone(),
+            reason: format!(
+                "cannot signal the daemon (pid {}): {}",
+                daemon,
+                errno.desc()
+            ),
         }),
     }
 }

@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::sys::statvfs::{FsFlags, statvfs};
 use nix::unistd::{AccessFlags, Uid, access};
 
 /// Path of the FUSE device.
@@ -33,11 +34,40 @@ pub enum EnvironmentError {
 
     #[error("{}: not setuid root, so it cannot mount for unprivileged users; reinstall the fuse3 package, or as root run 'chmod u+s {}'", path.display(), path.display())]
     FusermountNotSetuid { path: PathBuf },
+
+    #[error("{}: lies on a filesystem mounted nosuid, so its setuid bit has no effect; install fuse3 where the filesystem allows setuid programs", path.display())]
+    FusermountOnNosuid { path: PathBuf },
+
+    #[error("{}: its setuid bit has no effect because this process runs with no_new_privs (NoNewPrivs in /proc/self/status); start it without docker's '--security-opt no-new-privileges' or systemd's 'NoNewPrivileges=yes'", path.display())]
+    NoNewPrivileges { path: PathBuf },
+}
+
+impl EnvironmentError {
+    /// Returns whether the error is about the setuid helper, which a user namespace can replace.
+    pub fn is_about_fusermount(&self) -> bool {
+        matches!(
+            self,
+            Self::NoFusermount
+                | Self::FusermountNotSetuid { .. }
+                | Self::FusermountOnNosuid { .. }
+                | Self::NoNewPrivileges { .. }
+        )
+    }
 }
 
 /// Checks that the FUSE device can be opened and, for an unprivileged user, that the
 /// setuid helper is installed.
 pub fn check_mount_possible() -> Result<(), EnvironmentError> {
+    check_fuse_device()?;
+    if Uid::effective().is_root() {
+        return Ok(());
+    }
+    check_fusermount()?;
+    Ok(())
+}
+
+/// Checks that this user may open the FUSE device for reading and writing.
+pub fn check_fuse_device() -> Result<(), EnvironmentError> {
     let metadata = std::fs::metadata(FUSE_DEVICE).map_err(|_| EnvironmentError::NoFuseDevice)?;
     if access(FUSE_DEVICE, AccessFlags::R_OK | AccessFlags::W_OK).is_err() {
         return Err(EnvironmentError::FuseDeviceDenied {
@@ -45,12 +75,32 @@ pub fn check_mount_possible() -> Result<(), EnvironmentError> {
             mode: metadata.permissions().mode() & 0o7777,
         });
     }
+    Ok(())
+}
 
-    if Uid::effective().is_root() {
-        return Ok(());
-    }
+/// Checks that the setuid helper is installed and that its setuid bit takes effect here;
+/// returns its path.
+pub fn check_fusermount() -> Result<PathBuf, EnvironmentError> {
     let helper = find_fusermount().ok_or(EnvironmentError::NoFusermount)?;
-    check_setuid_root(&helper)
+    check_setuid_root(&helper)?;
+
+    let on_nosuid = statvfs(&helper).is_ok_and(|stat| stat.flags().contains(FsFlags::ST_NOSUID));
+    if on_nosuid {
+        return Err(EnvironmentError::FusermountOnNosuid { path: helper });
+    }
+    if has_no_new_privs() {
+        return Err(EnvironmentError::NoNewPrivileges { path: helper });
+    }
+    Ok(helper)
+}
+
+/// Returns whether this process runs with `no_new_privs`, under which `execve` ignores setuid bits.
+fn has_no_new_privs() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|line| line.strip_prefix("NoNewPrivs:").map(str::trim) == Some("1"))
+    })
 }
 
 /// Finds the setuid helper the way `fuser` does: `FUSERMOUNT_PATH`, else `PATH`.

@@ -7,10 +7,15 @@
 //! which is a pipe back to `attach`. This module does not depend on partition formats.
 #![forbid(unsafe_code)]
 
+mod autoclear;
 mod daemon;
 mod detach;
 pub mod environment;
+mod lifecycle;
+pub mod namespace;
 mod partitions;
+mod run;
+mod supervisor;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,11 +23,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub(crate) use daemon::session_config;
 pub use daemon::{Readiness, serve};
 pub(crate) use detach::unmount;
 pub use detach::{DetachError, detach, detach_all};
 pub use environment::EnvironmentError;
+pub use lifecycle::{Lifecycle, LifecycleError};
+pub use namespace::NamespaceError;
 pub use partitions::{RescanError, rescan};
+pub use run::{RunError, run_attached};
 
 use crate::block::overlay::{self, OverlayError};
 use crate::fs::CacheMode;
@@ -59,6 +68,8 @@ pub struct AttachOptions {
     pub overlay: Option<PathBuf>,
     /// Whether to write to a new overlay in the registry, removed at detach.
     pub snapshot: bool,
+    /// When the attachment detaches itself, and where its PID is published.
+    pub lifecycle: Lifecycle,
 }
 
 impl AttachOptions {
@@ -75,6 +86,7 @@ impl AttachOptions {
             cache: CacheMode::default(),
             overlay: None,
             snapshot: false,
+            lifecycle: Lifecycle::default(),
         }
     }
 
@@ -100,8 +112,19 @@ pub enum AttachError {
     #[error(transparent)]
     Image(#[from] ImageError),
 
-    #[error(transparent)]
+    #[error("{0} (run 'loopfuse doctor' for every check)")]
     Environment(#[from] EnvironmentError),
+
+    #[error(
+        "{source}; 'loopfuse run IMAGE -- COMMAND' can still attach, in a private user namespace whose mounts only COMMAND sees (run 'loopfuse doctor' for every check)"
+    )]
+    NamespaceOnly { source: EnvironmentError },
+
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
+
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
 
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -138,7 +161,7 @@ pub enum AttachError {
         read_only: bool,
     },
 
-    #[error("{}: cannot mount at {}", image.display(), mountpoint.display())]
+    #[error("{}: cannot mount at {} (run 'loopfuse doctor' to check the environment)", image.display(), mountpoint.display())]
     Mount {
         image: PathBuf,
         mountpoint: PathBuf,
@@ -240,7 +263,8 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
     if let Some(overlay_path) = &options.overlay {
         check_overlay(&info.path, overlay_path, options.read_only, registry)?;
     }
-    environment::check_mount_possible()?;
+    environment::check_mount_possible().map_err(explain_environment)?;
+    options.lifecycle.validate()?;
 
     if cut {
         log::warn!(
@@ -253,6 +277,16 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
     }
 
     Ok((offset, size))
+}
+
+/// Adds to an environment error that `loopfuse run` still works, when the setuid helper is
+/// the only problem and the kernel settings allow user namespaces.
+fn explain_environment(error: EnvironmentError) -> AttachError {
+    if error.is_about_fusermount() && namespace::user_namespace_restrictions().is_empty() {
+        AttachError::NamespaceOnly { source: error }
+    } else {
+        AttachError::Environment(error)
+    }
 }
 
 /// Checks that the overlay at `overlay_path` fits the image and is not in use, and warns when
@@ -408,7 +442,8 @@ pub fn attach(options: &AttachOptions, registry: &Registry) -> Result<Attached, 
 
 /// Runs an attachment in this process until it is detached or receives SIGTERM or SIGINT.
 ///
-/// `on_ready` is called with the attachment once the device file is usable.
+/// `on_ready` is called with the attachment once the device file is usable; then a
+/// supervisor named by `NOTIFY_SOCKET` is sent `READY=1`.
 pub fn attach_foreground(
     options: &AttachOptions,
     registry: &Registry,
@@ -424,6 +459,7 @@ pub fn attach_foreground(
         &name,
         Readiness::Callback(Box::new(|| {
             on_ready(&attached(registry, &name));
+            supervisor::notify_ready(&name);
         })),
     );
     // `serve` removes the entry itself once it has mounted; this covers earlier failures.
@@ -466,6 +502,7 @@ fn daemon_arguments(options: &AttachOptions) -> Vec<String> {
         }
     }
     arguments.extend(["--cache".to_string(), options.cache.to_string()]);
+    arguments.extend(options.lifecycle.daemon_arguments());
     arguments.push("--".to_string());
     arguments.push(options.image.to_string_lossy().into_owned());
     arguments

@@ -4,11 +4,14 @@
 //! `-b`, `--show`, `-J`, `-n`). This module only calls the library.
 #![forbid(unsafe_code)]
 
+mod doctor;
 mod generate;
+mod lifecycle;
 mod list;
 pub mod losetup;
 mod mount;
 mod progress;
+mod run;
 mod size;
 
 use std::path::PathBuf;
@@ -20,6 +23,9 @@ use crate::attach::{self, AttachOptions, SECTOR_SIZES};
 use crate::block::overlay;
 use crate::fs::CacheMode;
 use crate::registry::Registry;
+pub use doctor::DoctorArgs;
+pub use lifecycle::LifecycleArgs;
+pub use run::RunArgs;
 pub use size::parse_size;
 
 /// Attach raw disk images as loop-like device files through FUSE, without root and without
@@ -61,6 +67,19 @@ pub enum Command {
     /// Write man pages generated from these definitions (used by scripts/man.sh).
     #[command(hide = true)]
     Man(generate::ManArgs),
+    /// Attach an image, run a command on it, then detach, also when the command fails.
+    ///
+    /// The command finds the device file in LOOPFUSE_DEV, its directory in LOOPFUSE_DIR and,
+    /// with -P, the partitions in LOOPFUSE_P1, LOOPFUSE_P2, ... SIGINT, SIGTERM and SIGHUP
+    /// are forwarded to it. The exit status is the command's, or 128+N when signal N killed
+    /// it. Without a usable fusermount3, an unprivileged user's command runs in a private
+    /// user namespace, the only place where the mount is visible.
+    Run(RunArgs),
+    /// Check everything an attachment needs and print the fix for each failure.
+    ///
+    /// Prints one line per check (ok, warn, FAIL, skip, info) and a verdict, and exits 0
+    /// only when 'attach' or 'run' can mount here.
+    Doctor(DoctorArgs),
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
     Daemon(DaemonArgs),
@@ -127,6 +146,7 @@ impl DeviceArgs {
             cache: self.cache,
             overlay: self.overlay.clone(),
             snapshot: self.snapshot,
+            lifecycle: Default::default(),
         }
     }
 }
@@ -140,9 +160,13 @@ pub struct AttachArgs {
     #[arg(long)]
     pub show: bool,
 
-    /// Serve the device from this process until it is detached or interrupted.
+    /// Serve the device from this process until it is detached or interrupted, and send
+    /// READY=1 to NOTIFY_SOCKET when it is set (systemd Type=notify).
     #[arg(short, long)]
     pub foreground: bool,
+
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +215,9 @@ pub struct DaemonArgs {
 
     #[command(flatten)]
     pub device: DeviceArgs,
+
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
 }
 
 fn parse_cache_mode(text: &str) -> Result<CacheMode, String> {
@@ -227,6 +254,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Losetup(args) => return losetup::run(&args),
         Command::Completions(args) => generate::run_completions(&args),
         Command::Man(args) => generate::run_man(&args),
+        Command::Run(args) => return run::run_command(&args),
+        Command::Doctor(args) => return doctor::run_doctor(&args),
     };
 
     match result {
@@ -251,7 +280,10 @@ pub struct UsageError(pub String);
 
 fn run_attach(args: &AttachArgs) -> CommandResult {
     let registry = Registry::create_for_current_user()?;
-    let options = args.device.to_options();
+    let options = AttachOptions {
+        lifecycle: args.lifecycle.to_lifecycle(),
+        ..args.device.to_options()
+    };
 
     if args.foreground {
         attach::attach_foreground(&options, &registry, |attached| {
@@ -332,11 +364,10 @@ fn run_commit(args: &CommitArgs) -> CommandResult {
 
 fn run_daemon(args: &DaemonArgs) -> CommandResult {
     let registry = attach::daemon_registry()?;
-    attach::serve(
-        &args.device.to_options(),
-        &registry,
-        &args.name,
-        attach::Readiness::Pipe,
-    )?;
+    let options = AttachOptions {
+        lifecycle: args.lifecycle.to_lifecycle(),
+        ..args.device.to_options()
+    };
+    attach::serve(&options, &registry, &args.name, attach::Readiness::Pipe)?;
     Ok(())
 }

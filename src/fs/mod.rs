@@ -73,6 +73,9 @@ impl std::fmt::Display for CacheMode {
     }
 }
 
+/// Called after a release leaves no file of the attachment open.
+pub type LastClosed = Box<dyn Fn() + Send + Sync>;
+
 /// The filesystem served for one attachment.
 pub struct DeviceFs {
     devices: Arc<DeviceTable>,
@@ -80,6 +83,7 @@ pub struct DeviceFs {
     /// Sends cache invalidations to the kernel; set once the session is mounted.
     notifier: Arc<OnceLock<Notifier>>,
     on_disk_changed: Option<DiskChanged>,
+    on_last_close: Option<LastClosed>,
     owner: Owner,
     read_only: bool,
     /// Modification time shown for every file: the image's, fixed at attach time, so the
@@ -107,6 +111,7 @@ impl DeviceFs {
             cache: CacheMode::default(),
             notifier,
             on_disk_changed: None,
+            on_last_close: None,
             owner,
             read_only,
             mtime,
@@ -122,6 +127,12 @@ impl DeviceFs {
     /// Sets the function called when a writer of `disk` closes it after writing.
     pub fn on_disk_changed(mut self, callback: DiskChanged) -> Self {
         self.on_disk_changed = Some(callback);
+        self
+    }
+
+    /// Sets the function called when the last open file is released.
+    pub fn on_last_close(mut self, callback: LastClosed) -> Self {
+        self.on_last_close = Some(callback);
         self
     }
 
@@ -436,6 +447,12 @@ impl Filesystem for DeviceFs {
             self.invalidate_other_views(&file);
         }
         reply.ok();
+
+        if self.devices.open_count() == 0
+            && let Some(on_last_close) = &self.on_last_close
+        {
+            on_last_close();
+        }
     }
 
     fn fsync(

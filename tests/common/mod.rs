@@ -5,6 +5,8 @@
 //! fails instead when `LOOPFUSE_REQUIRE_FUSE=1` (as CI sets it).
 #![allow(dead_code)]
 
+pub mod unprivileged;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
@@ -189,14 +191,7 @@ impl Sandbox {
 
     /// The parsed output of `loopfuse list --json`.
     pub fn list(&self) -> Vec<serde_json::Value> {
-        let output = self.run(["list", "--json"]);
-        assert!(
-            output.status.success(),
-            "list failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-        listing["attachments"].as_array().unwrap().clone()
+        parse_listing(&self.run(["list", "--json"]))
     }
 
     /// PID of the daemon serving the attachment `name`.
@@ -254,6 +249,17 @@ impl Drop for Sandbox {
             );
         }
     }
+}
+
+/// Parses the output of a successful `loopfuse list --json` into its attachments.
+pub fn parse_listing(output: &Output) -> Vec<serde_json::Value> {
+    assert!(
+        output.status.success(),
+        "list failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    listing["attachments"].as_array().unwrap().clone()
 }
 
 fn lazy_unmount(mountpoint: &Path) {
@@ -416,7 +422,6 @@ impl Drop for Unmount {
 
 /// Writes a partition table with `sfdisk`, reading `script` from standard input.
 pub fn sfdisk(target: &Path, script: &str) {
-
     let mut child = std::process::Command::new(find_tool("sfdisk").unwrap())
         .args(["--quiet", "--no-reread", "--no-tell-kernel"])
         .arg(target)

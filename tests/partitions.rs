@@ -5,7 +5,7 @@ mod common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use common::{Sandbox, is_root, pattern, run_ok, sfdisk};
@@ -371,4 +371,79 @@ fn kernel_partitions(loop_name: &str) -> Vec<(u32, u64, u64)> {
         }
     }
     partitions
+}
+
+#[test]
+fn open_partition_survives_rescan() {
+    let Some(sandbox) = Sandbox::new("open_partition_survives_rescan", &["sfdisk"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 32 * MIB);
+    sfdisk(&image, "label: dos\n2048,4M,83\n16384,4M,83\n");
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+    let p1 = partition_file(&device, 1);
+    let p2 = partition_file(&device, 2);
+    let inode_before = fs::metadata(&p1).unwrap().ino();
+
+    // p1 stays where it is; p2 moves, while both are open.
+    let first = File::open(&p1).unwrap();
+    let second = File::open(&p2).unwrap();
+    sfdisk(&device, "label: dos\n2048,4M,83\n24576,2M,83\n");
+
+    assert_eq!(fs::metadata(&p1).unwrap().ino(), inode_before, "unchanged p1 keeps its inode");
+    assert_eq!(fs::metadata(&p2).unwrap().len(), 2 * MIB);
+    // fstat asks by inode, and the replaced p2 must still answer for its open file.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    assert_eq!(first.metadata().unwrap().len(), 4 * MIB);
+    assert_eq!(second.metadata().unwrap().len(), 4 * MIB);
+
+    drop((first, second));
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
+#[test]
+fn sfdisk_partition_names_resolve() {
+    let Some(sandbox) = Sandbox::new("sfdisk_partition_names_resolve", &["sfdisk"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 16 * MIB);
+    sfdisk(&image, "label: dos\n,4M,83\n,4M,83\n");
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+
+    // sfdisk and fdisk print "disk1", losetup scripts use "diskp1"; both name p1.
+    for name in ["p2", "diskp2", "disk2"] {
+        let size = fs::metadata(device.with_file_name(name)).map(|m| m.len());
+        assert_eq!(size.ok(), Some(4 * MIB), "{name}");
+    }
+    assert!(fs::metadata(device.with_file_name("disk3")).is_err());
+
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
+#[test]
+fn rescan_command_drops_stale_cache() {
+    let Some(sandbox) = Sandbox::new("rescan_command_drops_stale_cache", &["sfdisk"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 16 * MIB);
+    sfdisk(&image, "label: dos\n,4M,83\n");
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+    let mut before = vec![0u8; 512];
+    File::open(&device).unwrap().read_exact_at(&mut before, 0).unwrap();
+
+    // A new table written straight into the image, then a rescan: disk reads the new bytes.
+    sfdisk(&image, "label: dos\n,2M,83\n,2M,83\n");
+    let output = sandbox.run(["rescan", "loop0"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let mut after = vec![0u8; 512];
+    File::open(&device).unwrap().read_exact_at(&mut after, 0).unwrap();
+    assert!(after[..] == fs::read(&image).unwrap()[..512], "disk still shows the old table");
+    assert!(after != before);
+    assert_eq!(fs::metadata(partition_file(&device, 2)).unwrap().len(), 2 * MIB);
+
+    sandbox.detach(&device);
+    sandbox.assert_clean();
 }

@@ -111,7 +111,7 @@ pub fn serve(
                 match &scanner {
                     Some(scanner) => {
                         log::info!("{signal_name}: rescan requested");
-                        scanner.rescan();
+                        scanner.rescan_after_outside_change();
                     }
                     None => {
                         log::warn!("{signal_name}: rescan ignored: attached without --partscan")

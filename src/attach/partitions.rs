@@ -45,6 +45,34 @@ impl PartitionScanner {
         }
     }
 
+    /// Re-reads the partition table after the image was changed without going through the
+    /// device files: first drops every cached page, then rescans.
+    pub fn rescan_after_outside_change(&self) {
+        self.forget_cached_data();
+        self.rescan();
+    }
+
+    /// Drops the kernel's cached pages of every device file. `loopfuse rescan` is for tables
+    /// written to the image file directly, and such writes bypass the FUSE page cache.
+    fn forget_cached_data(&self) {
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        for entry in self.devices.entries() {
+            // Offset 0 and length 0 drop every cached page of the file.
+            let result = notifier.inval_inode(INodeNo(entry.inode), 0, 0);
+            if let Err(error) = result
+                && error.raw_os_error() != Some(libc::ENOENT)
+            {
+                log::warn!(
+                    "{}: cannot drop cached pages of {}: {error}",
+                    self.name,
+                    entry.name
+                );
+            }
+        }
+    }
+
     /// Reads the partition table of the disk and exposes its partitions.
     ///
     /// A table that cannot be read leaves no partition files, as with the kernel, and is

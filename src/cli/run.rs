@@ -24,7 +24,7 @@ pub fn run_command(args: &RunArgs) -> ExitCode {
     let print = |error: &dyn std::error::Error| {
         eprintln!("loopfuse: {}", crate::error_chain(error));
     };
-    let registry = match Registry::for_current_user() {
+    let registry = match Registry::create_for_current_user() {
         Ok(registry) => registry,
         Err(error) => {
             print(&error);

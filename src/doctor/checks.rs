@@ -201,7 +201,7 @@ fn runtime_directory() -> (Check, Option<Registry>) {
         _ => "under the temporary directory, because XDG_RUNTIME_DIR is unset",
     };
 
-    let registry = match Registry::for_current_user() {
+    let registry = match Registry::create_for_current_user() {
         Ok(registry) => registry,
         Err(error @ RegistryError::UnsafeRoot { .. }) => {
             return (Check::from_error(Verdict::Fail, &error), None);

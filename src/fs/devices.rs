@@ -113,22 +113,33 @@ impl DeviceTable {
 
     /// Replaces the partition files with `partitions`, given as `(number, disk offset, device)`.
     ///
-    /// Every partition gets a fresh inode number, so the kernel never mixes cached pages or
-    /// attributes of an old partition with those of a new one.
+    /// A partition whose number, offset and length are unchanged keeps its entry and inode.
+    /// Every other partition gets a fresh inode number, so the kernel never mixes cached pages
+    /// or attributes of an old partition with those of a new one.
     pub fn set_partitions(&self, partitions: Vec<(u32, u64, Arc<dyn BlockDevice>)>) {
         let mut entries = self
             .entries
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        entries.truncate(1);
+        let old: Vec<DeviceEntry> = entries.drain(1..).collect();
 
         for (number, disk_offset, device) in partitions {
-            entries.push(DeviceEntry {
-                name: format!("p{number}"),
-                inode: self.next_inode.fetch_add(1, Ordering::Relaxed),
-                device,
-                disk_offset,
+            let name = format!("p{number}");
+            let unchanged = old.iter().find(|entry| {
+                entry.name == name
+                    && entry.disk_offset == disk_offset
+                    && entry.device.len() == device.len()
             });
+            let entry = match unchanged {
+                Some(entry) => entry.clone(),
+                None => DeviceEntry {
+                    name,
+                    inode: self.next_inode.fetch_add(1, Ordering::Relaxed),
+                    device,
+                    disk_offset,
+                },
+            };
+            entries.push(entry);
         }
     }
 
@@ -137,18 +148,34 @@ impl DeviceTable {
         self.read_entries().clone()
     }
 
-    /// Finds a device file by name. `diskpN` is accepted as an alias of `pN`, because scripts
-    /// written for `losetup` derive partition paths by appending `pN` to the device path.
+    /// Finds a device file by name. `diskpN` and `diskN` are accepted as aliases of `pN`:
+    /// scripts written for `losetup` append `pN` to the device path, and `sfdisk` and `fdisk`
+    /// name the partitions of a device whose name ends in a letter by appending `N`.
     pub fn find_by_name(&self, name: &str) -> Option<DeviceEntry> {
-        let name = match name.strip_prefix(DISK_NAME) {
-            Some(suffix) if suffix.starts_with('p') => suffix,
-            _ => name,
+        let alias = match name.strip_prefix(DISK_NAME) {
+            Some(suffix) if suffix.starts_with('p') => Some(suffix.to_string()),
+            Some(suffix) if suffix.starts_with(|c: char| c.is_ascii_digit()) => {
+                Some(format!("p{suffix}"))
+            }
+            _ => None,
         };
+        let name = alias.as_deref().unwrap_or(name);
 
         self.read_entries()
             .iter()
             .find(|entry| entry.name == name)
             .cloned()
+    }
+
+    /// Finds the device file of `inode` among the open files, for a partition file that a
+    /// rescan replaced while it was open.
+    pub fn find_open_by_inode(&self, inode: u64) -> Option<DeviceEntry> {
+        self.handles
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .find(|file| file.entry.inode == inode)
+            .map(|file| file.entry.clone())
     }
 
     /// Finds a current device file by inode number.

@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, WriteFlags,
+    IoctlFlags, KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, WriteFlags,
 };
 
 use crate::block::BlockDevice;
@@ -211,6 +211,7 @@ impl DeviceFs {
         }
         self.devices
             .find_by_inode(inode)
+            .or_else(|| self.devices.find_open_by_inode(inode))
             .map(|entry| self.device_attr(&entry))
     }
 
@@ -502,6 +503,23 @@ impl Filesystem for DeviceFs {
             }
         }
         reply.ok();
+    }
+
+    fn ioctl(
+        &self,
+        _request: &Request,
+        _inode: INodeNo,
+        _handle: FileHandle,
+        _flags: IoctlFlags,
+        command: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        // Block ioctls (BLKGETSIZE64, BLKSSZGET, BLKRRPART) need a block device. ENOTTY is
+        // what a regular file answers, so tools fall back to stat and fallocate.
+        log::debug!("ioctl {command:#x} is not supported on a device file");
+        reply.error(Errno::ENOTTY);
     }
 
     fn getxattr(

@@ -390,7 +390,11 @@ fn open_partition_survives_rescan() {
     let second = File::open(&p2).unwrap();
     sfdisk(&device, "label: dos\n2048,4M,83\n24576,2M,83\n");
 
-    assert_eq!(fs::metadata(&p1).unwrap().ino(), inode_before, "unchanged p1 keeps its inode");
+    assert_eq!(
+        fs::metadata(&p1).unwrap().ino(),
+        inode_before,
+        "unchanged p1 keeps its inode"
+    );
     assert_eq!(fs::metadata(&p2).unwrap().len(), 2 * MIB);
     // fstat asks by inode, and the replaced p2 must still answer for its open file.
     std::thread::sleep(std::time::Duration::from_millis(1200));
@@ -431,18 +435,34 @@ fn rescan_command_drops_stale_cache() {
     sfdisk(&image, "label: dos\n,4M,83\n");
     let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
     let mut before = vec![0u8; 512];
-    File::open(&device).unwrap().read_exact_at(&mut before, 0).unwrap();
+    File::open(&device)
+        .unwrap()
+        .read_exact_at(&mut before, 0)
+        .unwrap();
 
     // A new table written straight into the image, then a rescan: disk reads the new bytes.
     sfdisk(&image, "label: dos\n,2M,83\n,2M,83\n");
     let output = sandbox.run(["rescan", "loop0"]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     let mut after = vec![0u8; 512];
-    File::open(&device).unwrap().read_exact_at(&mut after, 0).unwrap();
-    assert!(after[..] == fs::read(&image).unwrap()[..512], "disk still shows the old table");
+    File::open(&device)
+        .unwrap()
+        .read_exact_at(&mut after, 0)
+        .unwrap();
+    assert!(
+        after[..] == fs::read(&image).unwrap()[..512],
+        "disk still shows the old table"
+    );
     assert!(after != before);
-    assert_eq!(fs::metadata(partition_file(&device, 2)).unwrap().len(), 2 * MIB);
+    assert_eq!(
+        fs::metadata(partition_file(&device, 2)).unwrap().len(),
+        2 * MIB
+    );
 
     sandbox.detach(&device);
     sandbox.assert_clean();

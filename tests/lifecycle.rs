@@ -507,3 +507,25 @@ fn background_attach_writes_pidfile_of_daemon() {
     assert!(!pidfile.exists(), "PID file left behind");
     sandbox.assert_clean();
 }
+
+/// Regression: the command inherited the signal mask that `run` uses to catch the signals it
+/// forwards, so a SIGTERM for a command like `sleep` stayed pending until it ended by itself.
+/// A shell resets its mask at start, so the command here is `grep` itself.
+#[test]
+fn run_command_starts_with_signals_unblocked() {
+    let Some(sandbox) = Sandbox::new("run_command_starts_with_signals_unblocked", &["grep"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+
+    let mut command = sandbox.loopfuse(["run"]);
+    command
+        .arg(&image)
+        .args(["--", "grep", "SigBlk", "/proc/self/status"]);
+    let output = command.output().unwrap();
+
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("SigBlk:\t0000000000000000"), "{stdout}");
+    sandbox.assert_clean();
+}

@@ -32,6 +32,45 @@ use crate::registry::{Registry, RegistryError};
 /// Signals forwarded to the command.
 const FORWARDED_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
 
+/// Hidden subcommand that unblocks the forwarded signals and executes the command in place.
+pub const EXEC_SUBCOMMAND: &str = "exec-unblocked";
+
+/// Unblocks the forwarded signals and replaces this process with `command`, searching
+/// `PATH` as a shell does. Returns only when the command cannot be executed, with the exit
+/// status a shell would give: 127 when it is not found, 126 otherwise.
+pub fn exec_unblocked(command: &[OsString]) -> u8 {
+    use std::os::unix::ffi::OsStrExt;
+
+    let unblocked = SigSet::from_iter(FORWARDED_SIGNALS).thread_unblock();
+    if let Err(error) = unblocked {
+        log::warn!("cannot unblock SIGINT, SIGTERM and SIGHUP for the command: {error}");
+    }
+
+    let arguments: Result<Vec<std::ffi::CString>, _> = command
+        .iter()
+        .map(|argument| std::ffi::CString::new(argument.as_bytes()))
+        .collect();
+    let program = command.first().map(PathBuf::from).unwrap_or_default();
+    let error = match arguments {
+        Ok(arguments) if !arguments.is_empty() => {
+            match nix::unistd::execvp(&arguments[0], &arguments) {
+                Err(errno) => io::Error::from(errno),
+                Ok(never) => match never {},
+            }
+        }
+        _ => io::Error::from_raw_os_error(libc::EINVAL),
+    };
+
+    eprintln!(
+        "loopfuse: {}: cannot run the command: {error}",
+        program.display()
+    );
+    match error.kind() {
+        io::ErrorKind::NotFound => STATUS_NOT_FOUND,
+        _ => STATUS_NOT_EXECUTABLE,
+    }
+}
+
 /// Exit status of a command that could not be executed, as in shells.
 const STATUS_NOT_EXECUTABLE: u8 = 126;
 /// Exit status of a command that was not found, as in shells.
@@ -138,8 +177,14 @@ fn run_command(
     report: &mut impl FnMut(&dyn std::error::Error),
 ) -> u8 {
     let program = PathBuf::from(&command[0]);
-    let mut child = match Command::new(&program)
-        .args(&command[1..])
+    // The forwarded signals are blocked in this process, and a child inherits the mask
+    // (std's Command keeps it), so the command is started through a copy of this program
+    // that unblocks them and then executes it in place, keeping the same PID.
+    let trampoline = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("loopfuse"));
+    let mut child = match Command::new(&trampoline)
+        .arg(EXEC_SUBCOMMAND)
+        .arg("--")
+        .args(command)
         .envs(device_environment(attached, registry))
         .spawn()
     {

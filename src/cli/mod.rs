@@ -83,6 +83,9 @@ pub enum Command {
     /// Serve an attachment reserved by 'attach' (internal).
     #[command(hide = true)]
     Daemon(DaemonArgs),
+    /// Unblock the signals 'run' forwards, then execute a command (internal).
+    #[command(name = "exec-unblocked", hide = true)]
+    ExecUnblocked(ExecArgs),
 }
 
 /// Options that shape the device, shared by `attach` and the daemon.
@@ -208,6 +211,13 @@ pub struct CommitArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// Name reserved by 'attach'.
     #[arg(long)]
@@ -249,6 +259,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Rescan(args) => run_rescan(&args),
         Command::Commit(args) => run_commit(&args),
         Command::Daemon(args) => run_daemon(&args),
+        Command::ExecUnblocked(args) => {
+            return ExitCode::from(attach::exec_unblocked(&args.command));
+        }
         Command::Mount(args) => mount::run_mount(&args),
         Command::Umount(args) => mount::run_umount(&args),
         Command::Losetup(args) => return losetup::run(&args),

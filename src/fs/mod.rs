@@ -5,7 +5,9 @@
 //! one place ([`errno_of`]). This module does not depend on how the image is stored.
 #![forbid(unsafe_code)]
 
+mod cache;
 mod devices;
+mod fallocate;
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
@@ -20,8 +22,9 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, WriteFlags,
 };
 
-use crate::block::BlockDevice;
+pub use cache::CacheMode;
 pub use devices::{DISK_INODE, DISK_NAME, DeviceEntry, DeviceTable, OpenFile, ROOT_INODE};
+use fallocate::fallocate_device;
 
 /// How long the kernel may cache attributes and names. The size and times of a device file
 /// never change while attached, so only `st_blocks` can be up to this much out of date.
@@ -43,35 +46,6 @@ pub struct Owner {
 /// Called after data was written through `disk` and the writer closed it, so that a new
 /// partition table becomes visible the way udev's watch on a block device makes it.
 pub type DiskChanged = Box<dyn Fn() + Send + Sync>;
-
-/// How the kernel caches the data of the device files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheMode {
-    /// Reads are cached by the kernel; every write reaches the image before `write`
-    /// returns. Writes past the end fail with `ENOSPC` and a full backing filesystem fails
-    /// the write itself, exactly as with a block device.
-    #[default]
-    Writethrough,
-    /// Writes are also cached and reach the image in large batches, on `fsync`, `close`
-    /// or when the kernel writes back dirty pages. Small random writes are several times
-    /// faster, but a write past the end or into a full backing filesystem only fails at
-    /// `fsync` or `close`, and the kernel's idea of the file size grows with such writes.
-    Writeback,
-    /// Nothing is cached: every read and write is a request to the daemon (`direct_io`).
-    /// Uses no page cache for the device files, at the cost of speed.
-    None,
-}
-
-impl std::fmt::Display for CacheMode {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(match self {
-            CacheMode::Writethrough => "writethrough",
-            CacheMode::Writeback => "writeback",
-            CacheMode::None => "none",
-        })
-    }
-}
 
 /// Called after a release leaves no file of the attachment open.
 pub type LastClosed = Box<dyn Fn() + Send + Sync>;
@@ -596,39 +570,5 @@ impl Filesystem for DeviceFs {
             Ok(found) => reply.offset(found as i64),
             Err(error) => reply.error(failed("lseek", entry, offset, &error)),
         }
-    }
-}
-
-/// Applies an `fallocate(2)` request to a device, with block-device semantics: the size never
-/// changes, and ranges are clamped to the end of the device.
-fn fallocate_device(
-    device: &dyn BlockDevice,
-    offset: u64,
-    length: u64,
-    mode: i32,
-) -> io::Result<()> {
-    let device_len = device.len();
-    let end = offset.saturating_add(length).min(device_len);
-    let length = end.saturating_sub(offset);
-    let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-
-    match mode & !libc::FALLOC_FL_KEEP_SIZE {
-        libc::FALLOC_FL_PUNCH_HOLE if keep_size => {
-            if length > 0 {
-                device.discard(offset, length)
-            } else {
-                Ok(())
-            }
-        }
-        libc::FALLOC_FL_ZERO_RANGE => {
-            if length > 0 {
-                device.write_zeroes(offset, length)
-            } else {
-                Ok(())
-            }
-        }
-        0 if length == 0 && offset >= device_len => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
-        0 => device.allocate(offset, length),
-        _ => Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP)),
     }
 }

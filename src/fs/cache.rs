@@ -1,0 +1,30 @@
+//! Cache modes of the device files: how much the kernel keeps in its page cache.
+
+/// How the kernel caches the data of the device files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Reads are cached by the kernel; every write reaches the image before `write`
+    /// returns. Writes past the end fail with `ENOSPC` and a full backing filesystem fails
+    /// the write itself, exactly as with a block device.
+    #[default]
+    Writethrough,
+    /// Writes are also cached and reach the image in large batches, on `fsync`, `close`
+    /// or when the kernel writes back dirty pages. Small random writes are several times
+    /// faster, but a write past the end or into a full backing filesystem only fails at
+    /// `fsync` or `close`, and the kernel's idea of the file size grows with such writes.
+    Writeback,
+    /// Nothing is cached: every read and write is a request to the daemon (`direct_io`).
+    /// Uses no page cache for the device files, at the cost of speed.
+    None,
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(match self {
+            CacheMode::Writethrough => "writethrough",
+            CacheMode::Writeback => "writeback",
+            CacheMode::None => "none",
+        })
+    }
+}

@@ -32,7 +32,12 @@ fn init_logging(cli: &Cli) {
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level));
     if !is_daemon {
-        builder.format_timestamp(None).format_target(false);
+        // Messages for the user read like the error line: "loopfuse: warning: ...".
+        builder.format(|buffer, record| {
+            use std::io::Write;
+            let level = record.level().as_str().to_lowercase();
+            writeln!(buffer, "loopfuse: {level}: {}", record.args())
+        });
     }
     builder.init();
 }

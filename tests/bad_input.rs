@@ -255,7 +255,8 @@ fn missing_fusermount_is_explained() {
         &output,
         1,
         "fusermount3",
-        &["not found", "apt-get install fuse3"],
+        // /usr/bin/fusermount3 exists here, so the fix is to repair PATH, not to install.
+        &["not found in PATH", "add /usr/bin to PATH"],
     );
     sandbox.assert_clean();
 }

@@ -206,12 +206,7 @@ fn doctor_explains_missing_fusermount() {
     let report = Report::of(&user.loopfuse(["doctor"]).output().unwrap());
 
     report.assert_well_formed();
-    assert_line(
-        &report,
-        "fusermount3",
-        "FAIL",
-        &["not found in PATH", "apt-get install fuse3"],
-    );
+    assert_line(&report, "fusermount3", "FAIL", &["not found in PATH"]);
     assert_line(&report, "trial mount", "skip", &["fusermount3 is unusable"]);
     if user.may_create_user_namespace() {
         assert_eq!(report.status, Some(0), "{}", report.text());
@@ -281,7 +276,7 @@ fn doctor_explains_disabled_user_namespaces() {
     let output = inside(run_command);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("fusermount3: not found"), "{stderr}");
+    assert!(stderr.contains("not found in PATH"), "{stderr}");
     assert!(
         stderr.contains("mounting in a private user namespace instead failed too"),
         "{stderr}"

@@ -475,3 +475,62 @@ fn ntfs_round_trip_or_clear_refusal() {
     umount(&sandbox, &directory);
     sandbox.assert_clean();
 }
+
+/// Two partitions of one image mounted at the same time share one attachment, which goes
+/// away with the last of them.
+#[test]
+fn two_partitions_mount_at_once() {
+    let test = "two_partitions_mount_at_once";
+    let tools = ["sfdisk", "mkfs.ext4", "fuse2fs"];
+    let Some(sandbox) = Sandbox::new(test, &tools) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    sfdisk(&image, "label: gpt\n,24M,L\n,,L\n");
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+    let owner = format!(
+        "root_owner={}:{}",
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    for partition in ["p1", "p2"] {
+        let file = device.with_file_name(partition);
+        run_ok(
+            "mkfs.ext4",
+            [
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-E".as_ref(),
+                owner.as_ref(),
+                file.as_os_str(),
+            ],
+        );
+    }
+    sandbox.detach(&device);
+
+    let first = sandbox.path("first");
+    let second = sandbox.path("second");
+    fs::create_dir(&first).unwrap();
+    fs::create_dir(&second).unwrap();
+    let image_name = image.to_str().unwrap();
+    mount(&sandbox, &format!("{image_name}:1"), &first);
+    mount(&sandbox, &format!("{image_name}:2"), &second);
+    assert_eq!(sandbox.list().len(), 1, "both mounts share one attachment");
+    fs::write(first.join("one.txt"), "one").unwrap();
+    fs::write(second.join("two.txt"), "two").unwrap();
+
+    umount(&sandbox, &first);
+    assert_eq!(fs::read_to_string(second.join("two.txt")).unwrap(), "two");
+    assert_eq!(
+        sandbox.list().len(),
+        1,
+        "the second mount keeps the attachment"
+    );
+    umount(&sandbox, &second);
+    sandbox.assert_clean();
+
+    mount(&sandbox, &format!("{image_name}:1"), &first);
+    assert_eq!(fs::read_to_string(first.join("one.txt")).unwrap(), "one");
+    umount(&sandbox, &first);
+    sandbox.assert_clean();
+}

@@ -32,6 +32,9 @@ pub enum EnvironmentError {
     )]
     NoFusermount,
 
+    #[error("{FUSERMOUNT}: installed as {}, but not found in PATH; unprivileged users mount through it: add {} to PATH, or set FUSERMOUNT_PATH={}", path.display(), path.parent().unwrap_or(path).display(), path.display())]
+    FusermountOutsidePath { path: PathBuf },
+
     #[error("{}: not setuid root, so it cannot mount for unprivileged users; reinstall the fuse3 package, or as root run 'chmod u+s {}'", path.display(), path.display())]
     FusermountNotSetuid { path: PathBuf },
 
@@ -48,6 +51,7 @@ impl EnvironmentError {
         matches!(
             self,
             Self::NoFusermount
+                | Self::FusermountOutsidePath { .. }
                 | Self::FusermountNotSetuid { .. }
                 | Self::FusermountOnNosuid { .. }
                 | Self::NoNewPrivileges { .. }
@@ -80,8 +84,11 @@ pub fn check_fuse_device() -> Result<(), EnvironmentError> {
 
 /// Checks that the setuid helper is installed and that its setuid bit takes effect here;
 /// returns its path.
+///
+/// When the helper is missing from `PATH` but installed in a standard directory, the error
+/// says to fix `PATH` rather than to install it.
 pub fn check_fusermount() -> Result<PathBuf, EnvironmentError> {
-    let helper = find_fusermount().ok_or(EnvironmentError::NoFusermount)?;
+    let helper = find_fusermount().ok_or_else(missing_fusermount)?;
     check_setuid_root(&helper)?;
 
     let on_nosuid = statvfs(&helper).is_ok_and(|stat| stat.flags().contains(FsFlags::ST_NOSUID));
@@ -134,4 +141,15 @@ pub fn user_allow_other() -> bool {
         text.lines()
             .any(|line| line.split('#').next().unwrap_or("").trim() == "user_allow_other")
     })
+}
+
+/// The error for a helper that `PATH` does not find.
+fn missing_fusermount() -> EnvironmentError {
+    ["/usr/bin", "/bin", "/usr/local/bin"]
+        .into_iter()
+        .map(|directory| Path::new(directory).join(FUSERMOUNT))
+        .find(|candidate| candidate.is_file())
+        .map_or(EnvironmentError::NoFusermount, |path| {
+            EnvironmentError::FusermountOutsidePath { path }
+        })
 }

@@ -138,6 +138,10 @@ const COLUMNS: [&str; 11] = [
 
 /// Renders `entries` as a table with aligned columns; the last column is not padded.
 pub fn to_table(entries: &[Entry], headings: bool) -> String {
+    // Like `losetup -l`, print nothing at all when nothing is attached.
+    if entries.is_empty() {
+        return String::new();
+    }
     let mut rows: Vec<Vec<String>> = Vec::new();
     if headings {
         rows.push(COLUMNS.iter().map(|column| column.to_string()).collect());

@@ -366,13 +366,29 @@ fn run_commit(args: &CommitArgs) -> CommandResult {
 
     let report = result?;
     println!(
-        "{}: wrote {} bytes of data and {} bytes of zeroes into {}",
+        "{}: committed into {}: {} of data written, {} made zero (as holes where possible)",
         args.overlay.display(),
-        report.copied,
-        report.zeroed,
-        args.image.display()
+        args.image.display(),
+        human_size(report.copied),
+        human_size(report.zeroed),
     );
     Ok(())
+}
+
+/// Formats a byte count with a binary unit: `512 B`, `4.0 KiB`, `1.5 GiB`.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 fn run_daemon(args: &DaemonArgs) -> CommandResult {

@@ -219,12 +219,17 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         attach_options.read_only = true;
     }
 
-    // NOTE: every mount makes its own attachment, so a second partition of an image that
-    // is attached read-write cannot be mounted at the same time (the image is locked).
-    let mut attached = attach::attach(&attach_options, registry)?;
+    // A second partition of an image that `mount` already attached is served by the same
+    // attachment: the image is locked by it, so a second attachment would be refused.
+    let reused = find_mount_attachment(registry, &attach_options);
+    let mut attached = match &reused {
+        Some(attached) => attached.clone(),
+        None => attach::attach(&attach_options, registry)?,
+    };
     let mut guard = DetachOnDrop {
         registry,
-        name: Some(attached.name.clone()),
+        name: reused.is_none().then(|| attached.name.clone()),
+        record: None,
     };
 
     let mut device = device_file(registry, &attached, options.partition, &source_name)?;
@@ -250,8 +255,9 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         }
         wanted.allow_other = true;
     }
-    if wanted.read_only != attach_options.read_only
-        || wanted.allow_other != attach_options.allow_other
+    if reused.is_none()
+        && (wanted.read_only != attach_options.read_only
+            || wanted.allow_other != attach_options.allow_other)
     {
         log::debug!(
             "{source_name}: attaching again for {} (read-only {}, allow-other {})",
@@ -265,6 +271,7 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         guard = DetachOnDrop {
             registry,
             name: Some(attached.name.clone()),
+            record: None,
         };
         device = device_file(registry, &attached, options.partition, &source_name)?;
     }
@@ -282,6 +289,9 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
     update_state(registry, &attached.name, |state| {
         state.mounts.push(record.clone())
     })?;
+    if reused.is_some() {
+        guard.record = Some((attached.name.clone(), directory.clone()));
+    }
 
     let invocation = driver::Invocation {
         device: &device,
@@ -320,21 +330,67 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
     })
 }
 
+/// Finds a live attachment that [`mount`] made for the same image with the same device
+/// options and partitions, so that one more filesystem of that image can be mounted from it.
+fn find_mount_attachment(registry: &Registry, options: &AttachOptions) -> Option<attach::Attached> {
+    let image = std::fs::canonicalize(&options.image).ok()?;
+    let entries = registry.list().ok()?;
+
+    let entry = entries.into_iter().find(|entry| {
+        let state = &entry.state;
+        entry.liveness == crate::registry::Liveness::Live
+            && !state.mounts.is_empty()
+            && std::fs::canonicalize(&state.image).ok().as_ref() == Some(&image)
+            && state.offset == options.offset
+            && state.sizelimit == options.sizelimit.unwrap_or(0)
+            && state.read_only == options.read_only
+            && state.partscan == options.partscan
+            && state.sector_size == options.sector_size
+            && state.overlay.is_none()
+            && !state.snapshot
+    })?;
+
+    log::debug!(
+        "{}: serving one more mount of {}",
+        entry.state.name,
+        image.display()
+    );
+    Some(attach::Attached {
+        name: entry.state.name.clone(),
+        device: entry.device(),
+        directory: entry.mountpoint.clone(),
+    })
+}
+
 /// Detaches an attachment made by [`mount`] when dropped, unless disarmed: every failure
 /// after the attach leaves nothing behind.
 struct DetachOnDrop<'a> {
     registry: &'a Registry,
     name: Option<String>,
+    /// The attachment and mount point of a mount record to remove again, for a mount that
+    /// failed on an attachment it shares with other mounts.
+    record: Option<(String, PathBuf)>,
 }
 
 impl DetachOnDrop<'_> {
     fn disarm(mut self) {
         self.name = None;
+        self.record = None;
     }
 }
 
 impl Drop for DetachOnDrop<'_> {
     fn drop(&mut self) {
+        if let Some((name, directory)) = self.record.take() {
+            let removed = update_state(self.registry, &name, |state| {
+                state
+                    .mounts
+                    .retain(|mounted| mounted.directory != directory)
+            });
+            if let Err(error) = removed {
+                log::error!("{name}: cannot forget the failed mount: {error}");
+            }
+        }
         let Some(name) = self.name.take() else {
             return;
         };
@@ -368,8 +424,10 @@ fn check_directory(directory: &Path) -> Result<PathBuf, MountError> {
 
 /// Checks whether this process may write the image, as `mount` does before it falls back
 /// to a read-only loop device.
+/// Whether this user may write to `image`. A missing image counts as writable, so that the
+/// attach reports it as missing instead of warning about its permissions first.
 fn is_writable(image: &Path) -> bool {
-    access(image, AccessFlags::W_OK).is_ok()
+    !image.exists() || access(image, AccessFlags::W_OK).is_ok()
 }
 
 /// Returns the device file to mount: the disk, or partition `pN` when the table has it.
@@ -536,7 +594,9 @@ pub fn umount(registry: &Registry, directory: &Path) -> Result<Unmounted, MountE
     update_state(registry, &name, |state| {
         state.mounts.retain(|mounted| mounted.directory != wanted)
     })?;
-    let detached = record.owns_attachment;
+    // The attachment goes with the last filesystem mounted from it.
+    let remaining = registry.find(&name)?.state.mounts.len();
+    let detached = record.owns_attachment && remaining == 0;
     if detached {
         attach::detach(registry, &name)?;
     }

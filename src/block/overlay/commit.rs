@@ -44,6 +44,7 @@ pub fn commit(
             path: overlay_path.to_path_buf(),
         });
     }
+    check_distinct(overlay_path, image_path)?;
     let base = Image::open(image_path, Access::ReadWrite)?;
     let store = Image::open(overlay_path, Access::ReadWrite)?;
     let io_error = |operation| move |source| OverlayError::io(overlay_path, operation, source);
@@ -178,7 +179,7 @@ fn copy_run(
         while offset < hole {
             let piece = (hole - offset).min(COPY_CHUNK) as usize;
             read_exact(store, data_offset + offset, &mut buffer[..piece])?;
-            write_exact(base, offset, &buffer[..piece])?;
+            write_keeping_holes(base, offset, &buffer[..piece])?;
             offset += piece as u64;
             report.copied += piece as u64;
             advance(report);
@@ -186,6 +187,55 @@ fn copy_run(
         position = hole;
     }
     Ok(())
+}
+
+/// Rejects an overlay and an image that are the same file, before either is locked, which
+/// would report the second lock as an attachment in the way.
+pub fn check_distinct(overlay_path: &Path, image_path: &Path) -> Result<(), OverlayError> {
+    let same = match (
+        std::fs::canonicalize(overlay_path),
+        std::fs::canonicalize(image_path),
+    ) {
+        (Ok(overlay), Ok(image)) => overlay == image,
+        _ => false,
+    };
+    if same {
+        return Err(OverlayError::SameFile {
+            path: overlay_path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Granularity at which copied data that is all zeroes becomes a hole in the base.
+const ZERO_PAGE: usize = 4096;
+
+/// Writes `data` to the base at `offset`, but punches every all-zero 4 KiB page instead of
+/// writing it. The overlay's data area holds whole 64 KiB blocks, mostly zeroes around a
+/// small write, and writing those zeroes would allocate space that the same writes made
+/// directly to the image never use.
+fn write_keeping_holes(base: &Image, offset: u64, data: &[u8]) -> io::Result<()> {
+    let mut start = 0;
+    while start < data.len() {
+        let zero = is_zero(&data[start..(start + ZERO_PAGE).min(data.len())]);
+        let mut end = start;
+        while end < data.len() && is_zero(&data[end..(end + ZERO_PAGE).min(data.len())]) == zero {
+            end = (end + ZERO_PAGE).min(data.len());
+        }
+
+        let run_offset = offset + start as u64;
+        if zero {
+            zero_base(base, run_offset, (end - start) as u64)?;
+        } else {
+            write_exact(base, run_offset, &data[start..end])?;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&byte| byte == 0)
 }
 
 /// Makes `offset..offset + len` of the base read as zeroes, as a hole where possible.

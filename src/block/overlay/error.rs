@@ -16,7 +16,13 @@ pub enum OverlayError {
     #[error("{}: overlay file not found (attach with '--overlay {}' to create it)", path.display(), path.display())]
     NotFound { path: PathBuf },
 
-    #[error("{}: cannot create the overlay file", path.display())]
+    #[error("{}: overlay file not found, and a read-only attachment cannot create it (attach once without -r to create it)", path.display())]
+    NotFoundReadOnly { path: PathBuf },
+
+    #[error("{}: the overlay and the image are the same file; give the overlay a path of its own", path.display())]
+    SameFile { path: PathBuf },
+
+    #[error("{}: cannot create the overlay file (does its directory exist and is it writable?)", path.display())]
     Create { path: PathBuf, source: io::Error },
 
     #[error("{}: {operation} failed", path.display())]
@@ -26,7 +32,7 @@ pub enum OverlayError {
         source: io::Error,
     },
 
-    #[error("{}: not a loopfuse overlay (magic {found:?}, expected {expected:?})", path.display())]
+    #[error("{}: not a loopfuse overlay (first bytes {found}, expected \"{expected}\"); check the order of the arguments", path.display())]
     NotAnOverlay {
         path: PathBuf,
         found: String,
@@ -56,7 +62,7 @@ pub enum OverlayError {
         found: u8,
     },
 
-    #[error("{}: made for a base image of {expected} bytes, but {} has {found} bytes", path.display(), base.display())]
+    #[error("{}: made for a base image of {expected} bytes, but {} has {found} bytes; use the image it was made for, or another overlay", path.display(), base.display())]
     SizeMismatch {
         path: PathBuf,
         base: PathBuf,
@@ -64,7 +70,7 @@ pub enum OverlayError {
         expected: u64,
     },
 
-    #[error("{}: made for another image: the {region} of {} has SHA-256 {found}, expected {expected}", path.display(), base.display())]
+    #[error("{}: made for another image: the {region} of {} has SHA-256 {found}, expected {expected}; use the image it was made for, or another overlay", path.display(), base.display())]
     ContentMismatch {
         path: PathBuf,
         base: PathBuf,

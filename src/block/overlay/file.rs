@@ -48,7 +48,7 @@ pub fn open_overlay(
     let state = file_state(overlay_path)?;
     let create = mode == OverlayMode::Replace || state != FileState::Holds;
     if create && read_only {
-        return Err(OverlayError::NotFound {
+        return Err(OverlayError::NotFoundReadOnly {
             path: overlay_path.to_path_buf(),
         });
     }
@@ -88,6 +88,7 @@ pub fn check_overlay(
     overlay_path: &Path,
     read_only: bool,
 ) -> Result<bool, OverlayError> {
+    super::commit::check_distinct(overlay_path, base_path)?;
     if file_state(overlay_path)? != FileState::Holds {
         return Ok(false);
     }

@@ -126,7 +126,10 @@ impl Header {
             let found = &bytes[..bytes.len().min(16)];
             return Err(OverlayError::NotAnOverlay {
                 path: path.to_path_buf(),
-                found: String::from_utf8_lossy(found).into_owned(),
+                found: found
+                    .iter()
+                    .map(|byte| format!("{byte:02x}"))
+                    .collect::<String>(),
                 expected: String::from_utf8_lossy(MAGIC).into_owned(),
             });
         }

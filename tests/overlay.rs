@@ -6,7 +6,7 @@ mod common;
 
 use std::fs::{self, OpenOptions};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::Duration;
 
@@ -308,5 +308,54 @@ fn overlay_on_full_filesystem_answers_enospc() {
     assert_eq!(sandbox.list()[0]["state"], "attached");
     assert_chunks_intact(&device, &chunk, &written);
     sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
+/// Regression: commit stored through the image's mapping, and after the image had been read
+/// the filesystem allocated whole cached folios around the written pages: a sparse image
+/// took several times the space of the same writes made directly.
+#[test]
+fn commit_keeps_sparse_image_sparse() {
+    let Some(sandbox) = Sandbox::new("commit_keeps_sparse_image_sparse", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 256 * MIB);
+    let direct = sandbox.sparse_image("direct.img", 256 * MIB);
+    let overlay = sandbox.path("disk.overlay");
+    let device = sandbox.attach(overlay_args(&overlay, &image));
+
+    // 4096 scattered 4 KiB writes, the same through the overlay and to a plain copy.
+    let offsets: Vec<u64> = pattern(4096 * 2, 77)
+        .chunks(2)
+        .map(|pair| u64::from(u16::from_le_bytes([pair[0], pair[1]])) * 4096)
+        .collect();
+    for target in [&device, &direct] {
+        let file = OpenOptions::new().write(true).open(target).unwrap();
+        for offset in &offsets {
+            file.write_all_at(&[0xa5; 4096], *offset).unwrap();
+        }
+        file.sync_all().unwrap();
+    }
+    sandbox.detach(&device);
+    // Reading the holes of the image caches them as large folios.
+    fs::read(&image).unwrap();
+
+    let output = sandbox.run(["commit".as_ref(), overlay.as_os_str(), image.as_os_str()]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    assert!(
+        fs::read(&image).unwrap() == fs::read(&direct).unwrap(),
+        "contents differ"
+    );
+    let allocated = fs::metadata(&image).unwrap().blocks() * 512;
+    let expected = fs::metadata(&direct).unwrap().blocks() * 512;
+    assert!(
+        allocated <= expected + expected / 10,
+        "commit allocated {allocated} bytes, direct writes {expected}"
+    );
     sandbox.assert_clean();
 }

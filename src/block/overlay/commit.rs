@@ -213,7 +213,8 @@ const ZERO_PAGE: usize = 4096;
 /// Writes `data` to the base at `offset`, but punches every all-zero 4 KiB page instead of
 /// writing it. The overlay's data area holds whole 64 KiB blocks, mostly zeroes around a
 /// small write, and writing those zeroes would allocate space that the same writes made
-/// directly to the image never use.
+/// directly to the image never use. The data goes through `pwrite`, not the mapping, for
+/// the same reason (see [`Image::write_through_file`]).
 fn write_keeping_holes(base: &Image, offset: u64, data: &[u8]) -> io::Result<()> {
     let mut start = 0;
     while start < data.len() {
@@ -227,7 +228,7 @@ fn write_keeping_holes(base: &Image, offset: u64, data: &[u8]) -> io::Result<()>
         if zero {
             zero_base(base, run_offset, (end - start) as u64)?;
         } else {
-            write_exact(base, run_offset, &data[start..end])?;
+            base.write_through_file(run_offset, &data[start..end])?;
         }
         start = end;
     }

@@ -30,7 +30,7 @@ pub struct AttachOptions {
     pub sector_size: u32,
     /// Whether users other than the attaching one may open the device files.
     pub allow_other: bool,
-    /// How the kernel caches the device files' data.
+    /// Kernel caching of the device files' data.
     pub cache: CacheMode,
     /// Overlay file that receives every write, leaving the image unchanged.
     pub overlay: Option<PathBuf>,

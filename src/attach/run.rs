@@ -177,9 +177,9 @@ fn run_command(
     report: &mut impl FnMut(&dyn std::error::Error),
 ) -> u8 {
     let program = PathBuf::from(&command[0]);
-    // The forwarded signals are blocked in this process, and a child inherits the mask
-    // (std's Command keeps it), so the command is started through a copy of this program
-    // that unblocks them and then executes it in place, keeping the same PID.
+    // The forwarded signals are blocked in this process, and std's Command passes the mask
+    // on to the child. So the command starts through a copy of this program that unblocks
+    // them and then executes the command in place, under the same PID.
     let trampoline = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("loopfuse"));
     let mut child = match Command::new(&trampoline)
         .arg(EXEC_SUBCOMMAND)

@@ -1,6 +1,6 @@
 //! Cache modes of the device files: how much the kernel keeps in its page cache.
 
-/// How the kernel caches the data of the device files.
+/// Kernel caching of the device files' data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CacheMode {

@@ -491,7 +491,7 @@ impl Filesystem for DeviceFs {
         reply: ReplyIoctl,
     ) {
         // Block ioctls (BLKGETSIZE64, BLKSSZGET, BLKRRPART) need a block device. ENOTTY is
-        // what a regular file answers, so tools fall back to stat and fallocate.
+        // what a regular file returns, so tools fall back to stat and fallocate.
         log::debug!("ioctl {command:#x} is not supported on a device file");
         reply.error(Errno::ENOTTY);
     }

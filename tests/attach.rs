@@ -440,7 +440,7 @@ fn truncated_image_gives_clear_error() {
     let error = file.read_exact_at(&mut buf, 3 * MIB).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
 
-    // The part that still exists reads on, and the log says what went wrong.
+    // The part that still exists stays readable, and the log explains what went wrong.
     file.read_exact_at(&mut buf, 0).unwrap();
     drop(file);
     assert_eq!(sandbox.list()[0]["state"], "attached");

@@ -396,7 +396,7 @@ fn open_partition_survives_rescan() {
         "unchanged p1 keeps its inode"
     );
     assert_eq!(fs::metadata(&p2).unwrap().len(), 2 * MIB);
-    // fstat asks by inode, and the replaced p2 must still answer for its open file.
+    // fstat looks the file up by inode, and the replaced p2 must still resolve for its open file.
     std::thread::sleep(std::time::Duration::from_millis(1200));
     assert_eq!(first.metadata().unwrap().len(), 4 * MIB);
     assert_eq!(second.metadata().unwrap().len(), 4 * MIB);

@@ -86,7 +86,7 @@ pub fn check_fuse_device() -> Result<(), EnvironmentError> {
 /// returns its path.
 ///
 /// When the helper is missing from `PATH` but installed in a standard directory, the error
-/// says to fix `PATH` rather than to install it.
+/// asks for a `PATH` fix rather than an install.
 pub fn check_fusermount() -> Result<PathBuf, EnvironmentError> {
     let helper = find_fusermount().ok_or_else(missing_fusermount)?;
     check_setuid_root(&helper)?;

@@ -231,7 +231,8 @@ pub fn attach(options: &AttachOptions, registry: &Registry) -> Result<Attached, 
             let status = match child.try_wait() {
                 Ok(Some(status)) => status.to_string(),
                 _ => {
-                    // Still running but silent: stop it so that nothing is left behind.
+                    // Still running but silent: kill it. Dropping the reservation then
+                    // removes its registry entry.
                     let _ = child.kill();
                     let _ = child.wait();
                     return Err(AttachError::Timeout {

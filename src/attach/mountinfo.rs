@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-/// Whether `path` is currently a mount point, according to `/proc/self/mountinfo`.
+/// Returns whether `path` is currently a mount point, according to `/proc/self/mountinfo`.
 pub fn is_mounted(path: &Path) -> bool {
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;

@@ -76,7 +76,7 @@ impl PartitionScanner {
     /// Reads the partition table of the disk and exposes its partitions.
     ///
     /// A table that cannot be read leaves no partition files, as with the kernel, and is
-    /// logged; this never fails the caller, whose write already succeeded.
+    /// logged. This never fails the caller, because its write already succeeded.
     pub fn rescan(&self) {
         let _scanning = self
             .scanning

@@ -6,8 +6,8 @@
 //! so even a SIGKILL here leaves no attachment behind once the daemon notices.
 //!
 //! When the setuid helper is unusable, an unprivileged caller first moves into a private
-//! user and mount namespace (see [`super::namespace`]); the daemon and the command inherit
-//! it, so the command sees a mount that no process outside sees.
+//! user and mount namespace (see [`super::namespace`]). The daemon and the command inherit
+//! it, so the mount is visible to the command and to no process outside.
 
 use std::ffi::OsString;
 use std::io;

@@ -26,12 +26,12 @@ pub trait BlockDevice: Send + Sync {
     /// Length of the device in bytes.
     fn len(&self) -> u64;
 
-    /// Whether the device has no bytes at all.
+    /// Returns whether the device has no bytes at all.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Whether writes, discards and zeroing are rejected with `EROFS`.
+    /// Returns whether writes, discards and zeroing are rejected with `EROFS`.
     fn read_only(&self) -> bool;
 
     /// Copies bytes at `offset` into `buf` and returns how many were copied.

@@ -95,7 +95,7 @@ impl DeviceTable {
         }
     }
 
-    /// The whole-disk device.
+    /// Returns the whole-disk device.
     pub fn disk(&self) -> Arc<dyn BlockDevice> {
         self.read_entries()[0].device.clone()
     }
@@ -143,7 +143,7 @@ impl DeviceTable {
         }
     }
 
-    /// A snapshot of the current device files, `disk` first.
+    /// Returns a snapshot of the current device files, `disk` first.
     pub fn entries(&self) -> Vec<DeviceEntry> {
         self.read_entries().clone()
     }

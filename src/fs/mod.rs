@@ -111,8 +111,8 @@ impl DeviceFs {
     }
 
     /// Drops the kernel's cached pages of the other device files that overlap the range
-    /// written through `file`, so that a write through `p1` is seen through `disk` (and the
-    /// other way round) once the writer has called `fsync` or closed the file.
+    /// written through `file`. A write through `p1` is then visible through `disk`, and the
+    /// other way round, once the writer has called `fsync` or closed the file.
     fn invalidate_other_views(&self, file: &OpenFile) {
         let Some((start, end)) = file.take_written() else {
             return;

@@ -39,7 +39,7 @@ impl ReservationMap {
         (first, end)
     }
 
-    /// Whether every page in `first..end` is marked reserved.
+    /// Returns whether every page in `first..end` is marked reserved.
     pub fn all_reserved(&self, first: u64, end: u64) -> bool {
         (first..end).all(|page| {
             self.bit(page)

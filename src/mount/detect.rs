@@ -1,7 +1,7 @@
 //! Filesystem detection by superblock magic, in the spirit of blkid: each type is recognised
 //! by fixed bytes at a fixed offset of the device, and named as blkid names it.
 //!
-//! This module only looks at bytes; it knows nothing of devices, drivers or mounting.
+//! This module only looks at bytes; it does not depend on devices, drivers or mounting.
 
 use std::fmt;
 
@@ -91,7 +91,7 @@ impl fmt::Display for FsType {
     }
 }
 
-/// What the first [`PROBE_LEN`] bytes of a device hold.
+/// Result of probing the first [`PROBE_LEN`] bytes of a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Detection {
     Filesystem(FsType),
@@ -99,7 +99,7 @@ pub enum Detection {
     PartitionTable(&'static str),
     /// Only zero bytes: nothing was ever written there.
     Empty,
-    /// No known magic; holds the first 16 bytes for the error message.
+    /// No known magic. Contains the first 16 bytes for the error message.
     Unknown([u8; 16]),
 }
 

@@ -3,7 +3,7 @@
 //! partition by its superblock, and serves it with the userspace driver for its type.
 //! `umount` undoes all of that.
 //!
-//! This module builds on [`crate::attach`] and the registry; it knows nothing of FUSE
+//! This module builds on [`crate::attach`] and the registry. It does not depend on FUSE
 //! internals, image storage or partition formats.
 #![forbid(unsafe_code)]
 

@@ -1,4 +1,4 @@
-//! What `loopfuse mount` records about a filesystem it mounted from an attachment.
+//! The record `loopfuse mount` keeps of a filesystem it mounted from an attachment.
 
 use std::path::PathBuf;
 

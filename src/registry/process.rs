@@ -14,7 +14,7 @@ pub struct ProcessId {
 }
 
 impl ProcessId {
-    /// The calling process.
+    /// Returns the calling process.
     pub fn current() -> Self {
         let pid = std::process::id() as i32;
         Self {
@@ -23,12 +23,12 @@ impl ProcessId {
         }
     }
 
-    /// The running process `pid`, or `None` when there is none.
+    /// Returns the running process `pid`, or `None` when there is none.
     pub fn of(pid: i32) -> Option<Self> {
         start_time_of(pid).map(|start_time| Self { pid, start_time })
     }
 
-    /// Whether this process is still running (a zombie counts as gone).
+    /// Returns whether this process is still running (a zombie counts as gone).
     pub fn is_running(&self) -> bool {
         match read_stat(self.pid) {
             Some((state, start_time)) => start_time == self.start_time && state != 'Z',

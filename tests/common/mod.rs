@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// Whether CI demands that every FUSE test really runs.
+/// Returns whether CI demands that every FUSE test really runs.
 pub fn fuse_required() -> bool {
     std::env::var("LOOPFUSE_REQUIRE_FUSE").is_ok_and(|value| value == "1")
 }

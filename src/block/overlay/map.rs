@@ -98,7 +98,7 @@ impl BlockMap {
     /// Sets the state of `block` and marks its entry for the next flush.
     ///
     /// Callers store the data a state names before setting it, so a reader or a flush
-    /// that sees the state also sees the data.
+    /// that finds the state also finds the data.
     pub fn set(&self, block: u64, state: BlockState) {
         self.states[block as usize].store(state as u8, Ordering::Release);
         self.mark_dirty(block);

@@ -5,8 +5,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use loopfuse::cli::{Cli, Command, losetup, run};
+use loopfuse::mount::handoff;
 
 fn main() -> ExitCode {
+    // Inside the namespace of a driver that mounts only block devices, this program stands
+    // in for fusermount.
+    if handoff::invoked_as_fusermount() {
+        return ExitCode::from(handoff::answer_fusermount());
+    }
     // Called through a link named losetup, the arguments are those of 'loopfuse losetup'.
     let cli = if losetup::invoked_as_losetup() {
         Cli::parse_from(losetup::losetup_argv())

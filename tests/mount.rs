@@ -186,6 +186,85 @@ fn ext4_and_fat_partitions_filled_through_mount() {
     }
 }
 
+#[test]
+fn exfat_partition_filled_through_mount() {
+    let test = "exfat_partition_filled_through_mount";
+    let tools = [
+        "sfdisk",
+        "partx",
+        "mkfs.exfat",
+        "fsck.exfat",
+        "mount.exfat-fuse",
+        "fusermount3",
+    ];
+    let Some(sandbox) = Sandbox::new(test, &tools) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    sfdisk(&image, "label: gpt\n,40M,L\n,,L\n");
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+    run_ok("mkfs.exfat", [device.with_file_name("p1").as_os_str()]);
+    // Partition 2 claims to be exFAT but holds no valid boot sector.
+    let mut bogus = vec![0u8; 512];
+    bogus[3..11].copy_from_slice(b"EXFAT   ");
+    fs::write(device.with_file_name("p2"), &bogus).unwrap();
+    sandbox.detach(&device);
+
+    let tree = sandbox.path("tree");
+    make_tree(&tree);
+    let directory = sandbox.path("exfat");
+    fs::create_dir(&directory).unwrap();
+    let image_name = image.to_str().unwrap();
+
+    // exfat-fuse mounts only block devices; loopfuse mounts for it and hands it the connection.
+    mount(&sandbox, &format!("{image_name}:1"), &directory);
+    let listed = sandbox.list();
+    assert_eq!(listed[0]["mounts"][0]["fstype"], "exfat", "{listed:?}");
+    let mounts = sandbox.mounts();
+    assert!(
+        mounts.iter().any(|mounted| Path::new(mounted) == directory),
+        "{mounts:?}"
+    );
+    copy_tree(&tree, &directory);
+    assert_eq!(read_tree(&directory), read_tree(&tree));
+    umount(&sandbox, &directory);
+    sandbox.assert_clean();
+
+    let starts = partition_starts(&image);
+    let copy = extract(&sandbox, &image, starts[0], 40 * MIB, "p1.img");
+    let verdict = run("fsck.exfat", ["-n".as_ref(), copy.as_os_str()]);
+    assert!(verdict.status.success(), "fsck.exfat: {verdict:?}");
+    let written = fs::read(&copy).unwrap();
+    let data = pattern(300_000, 1);
+    assert!(
+        written.windows(4096).any(|window| window == &data[..4096]),
+        "the image does not hold sub/data.bin"
+    );
+
+    // Mounted again read-only, the tree reads back and writes are refused.
+    loopfuse_ok(
+        &sandbox,
+        &[
+            "mount".as_ref(),
+            "-o".as_ref(),
+            "ro".as_ref(),
+            format!("{image_name}:1").as_ref(),
+            directory.as_os_str(),
+        ],
+    );
+    assert_eq!(read_tree(&directory), read_tree(&tree));
+    assert!(File::create(directory.join("new")).is_err());
+    umount(&sandbox, &directory);
+    sandbox.assert_clean();
+
+    // A driver that rejects its filesystem leaves nothing mounted.
+    let stderr = mount_fails(
+        &sandbox,
+        &[format!("{image_name}:2").as_ref(), directory.as_os_str()],
+    );
+    assert!(stderr.contains("mount.exfat-fuse exited"), "{stderr}");
+}
+
 /// Copies `member` of the FAT filesystem at `source` (`IMAGE@@OFFSET`) to standard output.
 fn mcopy(source: &str, member: &str) -> Output {
     Command::new(find_tool("mcopy").unwrap())

@@ -212,7 +212,7 @@ fn fusermount_unmount(mountpoint: &Path) -> Result<(), (bool, String)> {
     Err((message.contains("busy"), message))
 }
 
-fn unmount_lazily(mountpoint: &Path) {
+pub(crate) fn unmount_lazily(mountpoint: &Path) {
     if Uid::effective().is_root() {
         let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
         return;

@@ -27,15 +27,15 @@ use std::time::{Duration, Instant};
 
 pub(crate) use daemon::session_config;
 pub use daemon::{Readiness, serve};
-pub(crate) use detach::unmount;
 pub use detach::{DetachError, detach, detach_all};
+pub(crate) use detach::{unmount, unmount_lazily};
 pub use environment::EnvironmentError;
 pub use lifecycle::{Lifecycle, LifecycleError};
 pub use mountinfo::is_mounted;
 pub use namespace::NamespaceError;
 pub use options::{AttachOptions, SECTOR_SIZES, device_range, validate};
 pub use partitions::{RescanError, rescan};
-pub use run::{EXEC_SUBCOMMAND, RunError, exec_unblocked, run_attached};
+pub use run::{EXEC_SUBCOMMAND, RunError, exec_in_place, exec_unblocked, run_attached};
 
 use crate::block::overlay::OverlayError;
 use crate::image::ImageError;

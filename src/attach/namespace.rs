@@ -80,19 +80,40 @@ pub fn user_namespace_restrictions() -> Vec<Restriction> {
 /// across `exec`, so the daemon started next can mount, and so can the command (`fuse2fs`,
 /// for one). Must be called while the process has a single thread, as `unshare(2)` requires.
 pub fn enter_private_namespace() -> Result<(), NamespaceError> {
+    enter_namespace(Inside::Root)
+}
+
+/// Moves this process into a new user and mount namespace in which its user and group keep
+/// their IDs. It holds the namespace's capabilities only until `exec`, unless it is root.
+/// Must be called while the process has a single thread.
+pub fn enter_namespace_as_caller() -> Result<(), NamespaceError> {
+    enter_namespace(Inside::SameIds)
+}
+
+/// The IDs the caller's user and group get inside a new user namespace.
+enum Inside {
+    Root,
+    SameIds,
+}
+
+fn enter_namespace(inside: Inside) -> Result<(), NamespaceError> {
     let uid = getuid();
     let gid = getgid();
+    let (inside_uid, inside_gid) = match inside {
+        Inside::Root => (0, 0),
+        Inside::SameIds => (uid.as_raw(), gid.as_raw()),
+    };
 
     unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
         .map_err(|source| NamespaceError::Unshare { source })?;
 
     // An unprivileged process must give up setgroups(2) before it may write its gid_map.
     write_id_file("/proc/self/setgroups", "deny")?;
-    write_id_file("/proc/self/uid_map", &format!("0 {uid} 1"))?;
-    write_id_file("/proc/self/gid_map", &format!("0 {gid} 1"))?;
+    write_id_file("/proc/self/uid_map", &format!("{inside_uid} {uid} 1"))?;
+    write_id_file("/proc/self/gid_map", &format!("{inside_gid} {gid} 1"))?;
 
     log::debug!(
-        "entered a private user and mount namespace as root (uid {uid}, gid {gid} outside)"
+        "entered a private user and mount namespace as uid {inside_uid} (uid {uid}, gid {gid} outside)"
     );
     Ok(())
 }

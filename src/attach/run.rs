@@ -39,12 +39,17 @@ pub const EXEC_SUBCOMMAND: &str = "exec-unblocked";
 /// `PATH` as a shell does. Returns only when the command cannot be executed, with the exit
 /// status a shell would give: 127 when it is not found, 126 otherwise.
 pub fn exec_unblocked(command: &[OsString]) -> u8 {
-    use std::os::unix::ffi::OsStrExt;
-
     let unblocked = SigSet::from_iter(FORWARDED_SIGNALS).thread_unblock();
     if let Err(error) = unblocked {
         log::warn!("cannot unblock SIGINT, SIGTERM and SIGHUP for the command: {error}");
     }
+    exec_in_place(command)
+}
+
+/// Replaces this process with `command`, searching `PATH` as a shell does. Returns only
+/// when the command cannot be executed, with the exit status a shell would give.
+pub fn exec_in_place(command: &[OsString]) -> u8 {
+    use std::os::unix::ffi::OsStrExt;
 
     let arguments: Result<Vec<std::ffi::CString>, _> = command
         .iter()

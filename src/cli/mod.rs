@@ -86,6 +86,9 @@ pub enum Command {
     /// Unblock the signals 'run' forwards, then execute a command (internal).
     #[command(name = "exec-unblocked", hide = true)]
     ExecUnblocked(ExecArgs),
+    /// Start a driver that mounts only block devices in its own namespace (internal).
+    #[command(name = "exec-driver", hide = true)]
+    ExecDriver(ExecArgs),
 }
 
 /// Options that shape the device, shared by `attach` and the daemon.
@@ -261,6 +264,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Daemon(args) => run_daemon(&args),
         Command::ExecUnblocked(args) => {
             return ExitCode::from(attach::exec_unblocked(&args.command));
+        }
+        Command::ExecDriver(args) => {
+            return ExitCode::from(crate::mount::handoff::exec_driver(&args.command));
         }
         Command::Mount(args) => mount::run_mount(&args),
         Command::Umount(args) => mount::run_umount(&args),

@@ -23,6 +23,9 @@ pub struct Driver {
     /// Whether Debian installs the program setuid root: it then opens the device as root,
     /// which a FUSE mount of an unprivileged user lets in only with `allow_other`.
     pub setuid_root: bool,
+    /// Whether the driver mounts only as a block device (FUSE `blkdev`). loopfuse then makes
+    /// the FUSE mount itself and hands the connection over (see [`super::handoff`]).
+    pub block_device_only: bool,
     arguments: fn(&Invocation) -> Vec<OsString>,
 }
 
@@ -98,6 +101,7 @@ static FUSE2FS: Driver = Driver {
     writable: true,
     caveat: None,
     setuid_root: false,
+    block_device_only: false,
     arguments: |invocation| {
         vec![
             invocation.device.into(),
@@ -114,6 +118,7 @@ static FUSEFAT: Driver = Driver {
     package: "fusefat",
     writable: true,
     setuid_root: false,
+    block_device_only: false,
     caveat: None,
     // fusefat mounts read-only unless given its own "rw+" (which its manual calls
     // experimental).
@@ -134,10 +139,11 @@ static EXFAT_FUSE: Driver = Driver {
     package: "exfat-fuse",
     writable: true,
     setuid_root: false,
+    block_device_only: true,
     caveat: Some(
-        "exfat-fuse 1.3 always mounts with the FUSE options 'blkdev' and 'allow_other', so it \
-         needs a real block device as root and 'user_allow_other' in /etc/fuse.conf otherwise; \
-         a loopfuse device file is not a block device",
+        "exfat-fuse 1.3 always asks for a block device mount ('blkdev'), so loopfuse mounts the \
+         FUSE connection itself and starts exfat-fuse in a private user namespace to hand it \
+         over; that needs user namespaces (see 'loopfuse doctor')",
     ),
     // -d is the only way to keep exfat-fuse in the foreground; it also logs each request.
     arguments: |invocation| {
@@ -157,6 +163,7 @@ static NTFS_3G: Driver = Driver {
     writable: true,
     caveat: None,
     setuid_root: true,
+    block_device_only: false,
     arguments: |invocation| {
         let mode = if invocation.read_only {
             "no_detach,ro"
@@ -178,6 +185,7 @@ static SQUASHFUSE: Driver = Driver {
     writable: false,
     caveat: None,
     setuid_root: false,
+    block_device_only: false,
     arguments: |invocation| {
         let mut arguments: Vec<OsString> = vec!["-f".into()];
         arguments.extend(extra_options(invocation));
@@ -191,6 +199,7 @@ static FUSEISO: Driver = Driver {
     package: "fuseiso",
     writable: false,
     setuid_root: false,
+    block_device_only: false,
     caveat: None,
     // fuseiso takes FUSE options (-f) only after the mount point; -n keeps it from writing
     // ~/.mtab.fuseiso.
@@ -212,6 +221,7 @@ static EROFSFUSE: Driver = Driver {
     package: "erofsfuse",
     writable: false,
     setuid_root: false,
+    block_device_only: false,
     caveat: Some(
         "Debian 12 has no erofsfuse package; erofs-utils there ships only mkfs, fsck and dump tools",
     ),

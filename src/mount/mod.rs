@@ -9,6 +9,7 @@
 
 pub mod detect;
 pub mod driver;
+pub mod handoff;
 mod process;
 
 use std::fmt;
@@ -141,6 +142,22 @@ pub enum MountError {
 
     #[error(transparent)]
     DriverExited(Box<DriverExited>),
+
+    #[error(transparent)]
+    Environment(#[from] attach::EnvironmentError),
+
+    #[error("{}: {} could not mount the FUSE connection for the driver: {output}", directory.display(), program.display())]
+    Helper {
+        program: PathBuf,
+        directory: PathBuf,
+        output: String,
+    },
+
+    #[error("{what}")]
+    Handoff {
+        what: String,
+        source: std::io::Error,
+    },
 
     #[error("{}: {program} did not mount it within {} s and was stopped; see its log {}", directory.display(), process::MOUNT_TIMEOUT.as_secs(), log.display())]
     DriverTimeout {

@@ -1,13 +1,16 @@
 //! Starting a filesystem driver and waiting until its mount is live, or until it exits.
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::driver::{Driver, Invocation};
-use super::{DriverExited, MountError};
+use super::{DriverExited, MountError, handoff};
 use crate::attach::{self, is_mounted};
 use crate::registry::{ProcessId, RegistryError};
 
@@ -23,10 +26,12 @@ pub struct Started {
 }
 
 /// Starts `driver` in its own process group, with its output going to `log`, and returns
-/// once `invocation.directory` is mounted.
+/// once `invocation.directory` is mounted and served.
 ///
 /// A driver that exits first is reported with its output; one that neither mounts nor exits
-/// within [`MOUNT_TIMEOUT`] is killed and waited for.
+/// within [`MOUNT_TIMEOUT`] is killed and waited for. A driver that mounts only block devices
+/// is served a FUSE mount made here when it asks for one (see [`handoff`]); a failure after
+/// that unmounts it again.
 pub fn start(
     driver: &'static Driver,
     program: &Path,
@@ -34,24 +39,29 @@ pub fn start(
     log: &Path,
     source_name: &str,
 ) -> Result<Started, MountError> {
-    let log_file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(log)
-        .map_err(|source| RegistryError::Io {
-            path: log.to_path_buf(),
-            source,
-        })?;
-    let log_copy = log_file.try_clone().map_err(|source| RegistryError::Io {
-        path: log.to_path_buf(),
-        source,
-    })?;
-
+    let (log_file, log_copy) = open_log(log)?;
     let arguments = driver.arguments(invocation);
     log::debug!("{source_name}: running {} {arguments:?}", program.display());
-    let mut command = Command::new(program);
+
+    // The driver's end of the socket, closed here once the driver holds it, so that the
+    // driver's exit closes the socket.
+    let mut drivers_end = None;
+    let (mut command, stage) = if driver.block_device_only {
+        let (ours, drivers) = handoff::connection_pair()?;
+        let mut command = Command::new(own_program()?);
+        command
+            .arg(handoff::EXEC_DRIVER_SUBCOMMAND)
+            .arg("--")
+            .arg(program)
+            .env(
+                handoff::CONNECTION_VARIABLE,
+                drivers.as_raw_fd().to_string(),
+            );
+        drivers_end = Some(drivers);
+        (command, Stage::Request(ours))
+    } else {
+        (Command::new(program), Stage::Mount)
+    };
     command
         .args(&arguments)
         .stdin(Stdio::null())
@@ -60,39 +70,200 @@ pub fn start(
         // Its own process group keeps the driver out of reach of the terminal's Ctrl-C,
         // like the attach daemon.
         .process_group(0);
-    let mut child = command.spawn().map_err(|source| MountError::Spawn {
+    let child = command.spawn().map_err(|source| MountError::Spawn {
         program: program.to_path_buf(),
         source,
     })?;
+    drop(drivers_end);
 
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(2);
-    loop {
-        if is_mounted(invocation.directory) {
-            return Ok(Started { pid: child.id() });
+    Startup {
+        child,
+        driver,
+        invocation,
+        log,
+        source_name,
+        premounted: None,
+    }
+    .wait(stage)
+}
+
+fn open_log(log: &Path) -> Result<(std::fs::File, std::fs::File), MountError> {
+    let log_error = |source| RegistryError::Io {
+        path: log.to_path_buf(),
+        source,
+    };
+    let log_file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(log)
+        .map_err(log_error)?;
+    let log_copy = log_file.try_clone().map_err(log_error)?;
+    Ok((log_file, log_copy))
+}
+
+fn own_program() -> Result<std::path::PathBuf, MountError> {
+    std::env::current_exe().map_err(|source| MountError::Handoff {
+        what: "cannot find the loopfuse program".to_string(),
+        source,
+    })
+}
+
+/// What the start of a driver waits for next.
+enum Stage {
+    /// Waiting for the driver to mount its directory itself.
+    Mount,
+    /// Waiting for a driver that mounts only block devices to ask for its connection.
+    Request(UnixStream),
+    /// The connection is mounted and handed over: waiting for the `statvfs` of the directory,
+    /// which returns once the driver serves it, or fails once the connection ends.
+    Serve(mpsc::Receiver<nix::Result<()>>),
+}
+
+/// A driver being started, and what a failure must undo.
+struct Startup<'a> {
+    child: Child,
+    driver: &'static Driver,
+    invocation: &'a Invocation<'a>,
+    log: &'a Path,
+    source_name: &'a str,
+    /// The FUSE mount made for the driver, unmounted again if the start fails.
+    premounted: Option<UnmountOnDrop>,
+}
+
+impl Startup<'_> {
+    fn wait(mut self, mut stage: Stage) -> Result<Started, MountError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(2);
+        loop {
+            // An exit comes first: a connection that ended because its driver died fails the
+            // statvfs too, and the driver's output explains it better.
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(self.exited(status));
+            }
+            match self.advance(stage)? {
+                Progress::Ready => return Ok(self.ready()),
+                Progress::Waiting(next) => stage = next,
+            }
+            if started.elapsed() > MOUNT_TIMEOUT {
+                return Err(self.timed_out());
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            let output = std::fs::read_to_string(log).unwrap_or_default();
-            return Err(MountError::DriverExited(Box::new(DriverExited {
-                source_name: source_name.to_string(),
-                program: driver.program,
-                directory: invocation.directory.to_path_buf(),
-                status: status.to_string(),
-                output: attach::last_lines(&output, OUTPUT_LINES),
-                caveat: driver.caveat,
-            })));
+    }
+
+    fn advance(&mut self, stage: Stage) -> Result<Progress, MountError> {
+        let directory = self.invocation.directory;
+        match stage {
+            Stage::Mount if is_mounted(directory) => Ok(Progress::Ready),
+            Stage::Request(ours) if handoff::request_arrived(&ours) => {
+                if let Err(error) = self.mount_connection(&ours) {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err(error);
+                }
+                self.premounted = Some(UnmountOnDrop(Some(directory.to_path_buf())));
+                Ok(Progress::Waiting(Stage::Serve(served(directory))))
+            }
+            Stage::Serve(receiver) => match receiver.try_recv() {
+                Ok(Ok(())) => Ok(Progress::Ready),
+                Ok(Err(errno)) => {
+                    // The driver is about to exit; its status and output come next.
+                    log::debug!("{}: the mount failed ({errno})", self.source_name);
+                    Ok(Progress::Waiting(Stage::Serve(receiver)))
+                }
+                Err(_) => Ok(Progress::Waiting(Stage::Serve(receiver))),
+            },
+            other => Ok(Progress::Waiting(other)),
         }
-        if started.elapsed() > MOUNT_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(MountError::DriverTimeout {
-                directory: invocation.directory.to_path_buf(),
-                program: driver.program,
-                log: log.to_path_buf(),
-            });
+    }
+
+    /// Mounts the FUSE connection the driver asked for and sends it over `ours`.
+    fn mount_connection(&self, ours: &UnixStream) -> Result<(), MountError> {
+        let program = self.driver.program;
+        let subtype = program.strip_prefix("mount.").unwrap_or(program);
+        let subtype = subtype.strip_suffix("-fuse").unwrap_or(subtype);
+        // exfat-fuse asks for allow_other. Root gets it, and an unprivileged user only where
+        // /etc/fuse.conf has user_allow_other.
+        let allow_other =
+            nix::unistd::geteuid().is_root() || crate::attach::environment::user_allow_other();
+        handoff::mount_connection(
+            &handoff::ConnectionOptions {
+                device: self.invocation.device,
+                directory: self.invocation.directory,
+                subtype,
+                read_only: self.invocation.read_only,
+                allow_other,
+            },
+            ours,
+        )
+    }
+
+    fn ready(self) -> Started {
+        if let Some(premounted) = self.premounted {
+            premounted.disarm();
         }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
+        Started {
+            pid: self.child.id(),
+        }
+    }
+
+    fn exited(self, status: std::process::ExitStatus) -> MountError {
+        let output = std::fs::read_to_string(self.log).unwrap_or_default();
+        MountError::DriverExited(Box::new(DriverExited {
+            source_name: self.source_name.to_string(),
+            program: self.driver.program,
+            directory: self.invocation.directory.to_path_buf(),
+            status: status.to_string(),
+            output: attach::last_lines(&output, OUTPUT_LINES),
+            caveat: self.driver.caveat,
+        }))
+    }
+
+    fn timed_out(mut self) -> MountError {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        MountError::DriverTimeout {
+            directory: self.invocation.directory.to_path_buf(),
+            program: self.driver.program,
+            log: self.log.to_path_buf(),
+        }
+    }
+}
+
+enum Progress {
+    Ready,
+    Waiting(Stage),
+}
+
+/// Asks for the directory's `statvfs` on a thread of its own, since it waits until the driver
+/// serves the mount, or until its connection ends.
+fn served(directory: &Path) -> mpsc::Receiver<nix::Result<()>> {
+    let (sender, receiver) = mpsc::channel();
+    let directory = directory.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = sender.send(nix::sys::statvfs::statvfs(&directory).map(|_| ()));
+    });
+    receiver
+}
+
+/// Unmounts a FUSE mount made for a driver when dropped, unless disarmed.
+struct UnmountOnDrop(Option<std::path::PathBuf>);
+
+impl UnmountOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        if let Some(directory) = self.0.take() {
+            log::debug!("unmounting {} after the failed start", directory.display());
+            attach::unmount_lazily(&directory);
+        }
     }
 }
 

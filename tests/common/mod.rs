@@ -236,6 +236,25 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
+        // A filesystem driver still holding a device would keep its attachment busy, so
+        // the filesystems go first. Nothing here may panic: this can run during a panic.
+        let listing = self.loopfuse(["list", "--json"]).output();
+        let listed: serde_json::Value = listing
+            .ok()
+            .and_then(|output| serde_json::from_slice(&output.stdout).ok())
+            .unwrap_or_default();
+        let attachments = listed["attachments"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for entry in attachments {
+            let records = entry["mounts"].as_array().cloned().unwrap_or_default();
+            for record in records {
+                if let Some(directory) = record["directory"].as_str() {
+                    let _ = self.loopfuse(["umount", directory]).output();
+                }
+            }
+        }
         let _ = self.loopfuse(["detach", "--all"]).output();
 
         let leftovers = self.mounts();

@@ -311,9 +311,15 @@ impl NamespaceNeed {
 
     fn consequence(self) -> &'static str {
         match self {
-            NamespaceNeed::NotNeeded => "root does not need them",
-            NamespaceNeed::Fallback => "'run' needs them only where fusermount3 is unusable",
-            NamespaceNeed::Required => "'run' needs them, because fusermount3 is unusable",
+            NamespaceNeed::NotNeeded => {
+                "root needs them only to 'mount' exFAT, whose driver mounts only block devices"
+            }
+            NamespaceNeed::Fallback => {
+                "'run' needs them only where fusermount3 is unusable, and 'mount' needs them for exFAT"
+            }
+            NamespaceNeed::Required => {
+                "'run' needs them, because fusermount3 is unusable, and 'mount' needs them for exFAT"
+            }
         }
     }
 }

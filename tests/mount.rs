@@ -263,6 +263,39 @@ fn exfat_partition_filled_through_mount() {
         &[format!("{image_name}:2").as_ref(), directory.as_os_str()],
     );
     assert!(stderr.contains("mount.exfat-fuse exited"), "{stderr}");
+
+    // A second exFAT mount, started while the first is up, keeps no copy of it: the first
+    // unmounts and its driver exits at once.
+    let other = sandbox.sparse_image("other.img", 16 * MIB);
+    run_ok("mkfs.exfat", [other.as_os_str()]);
+    let other_directory = sandbox.path("other");
+    fs::create_dir(&other_directory).unwrap();
+    mount(&sandbox, &format!("{image_name}:1"), &directory);
+    loopfuse_ok(
+        &sandbox,
+        &[
+            "mount".as_ref(),
+            "-o".as_ref(),
+            "noexec".as_ref(),
+            other.as_os_str(),
+            other_directory.as_os_str(),
+        ],
+    );
+    umount(&sandbox, &directory);
+    let options = mount_options(&other_directory);
+    assert!(options.split(',').any(|flag| flag == "noexec"), "{options}");
+    umount(&sandbox, &other_directory);
+    sandbox.assert_clean();
+}
+
+/// The mount options of the mount on `directory`, from `/proc/self/mountinfo`.
+fn mount_options(directory: &Path) -> String {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|line| line.split(' ').nth(4) == directory.to_str())
+        .unwrap_or_else(|| panic!("{} is not mounted", directory.display()));
+    line.split(' ').nth(5).unwrap().to_string()
 }
 
 /// Copies `member` of the FAT filesystem at `source` (`IMAGE@@OFFSET`) to standard output.

@@ -88,7 +88,7 @@ pub enum Command {
     ExecUnblocked(ExecArgs),
     /// Start a driver that mounts only block devices in its own namespace (internal).
     #[command(name = "exec-driver", hide = true)]
-    ExecDriver(ExecArgs),
+    ExecDriver(ExecDriverArgs),
 }
 
 /// Options that shape the device, shared by `attach` and the daemon.
@@ -221,6 +221,19 @@ pub struct ExecArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ExecDriverArgs {
+    /// The device file the driver serves.
+    #[arg(long)]
+    pub device: std::path::PathBuf,
+    /// The directory the filesystem is mounted on.
+    #[arg(long)]
+    pub directory: std::path::PathBuf,
+    /// The driver and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Args)]
 pub struct DaemonArgs {
     /// Name reserved by 'attach'.
     #[arg(long)]
@@ -266,7 +279,11 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(attach::exec_unblocked(&args.command));
         }
         Command::ExecDriver(args) => {
-            return ExitCode::from(crate::mount::handoff::exec_driver(&args.command));
+            return ExitCode::from(crate::mount::handoff::exec_driver(
+                &args.device,
+                &args.directory,
+                &args.command,
+            ));
         }
         Command::Mount(args) => mount::run_mount(&args),
         Command::Umount(args) => mount::run_umount(&args),

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::mount::{MsFlags, mount};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
     sendmsg, socketpair,
@@ -61,7 +61,33 @@ pub struct ConnectionOptions<'a> {
     pub subtype: &'a str,
     pub read_only: bool,
     pub allow_other: bool,
+    /// The user's mount options; those that are kernel mount flags apply to the mount.
+    pub options: &'a [String],
 }
+
+/// Mount flags that `fusermount3` passes to the kernel. A driver that mounts only block
+/// devices would get them from libfuse, so the mount made for it applies them instead.
+const KERNEL_FLAGS: [&str; 19] = [
+    "exec",
+    "noexec",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "sync",
+    "async",
+    "dirsync",
+    "atime",
+    "noatime",
+    "diratime",
+    "nodiratime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "lazytime",
+    "nolazytime",
+];
 
 /// Creates the socket pair between loopfuse and the driver's `fusermount` call. loopfuse
 /// keeps the first end, non-blocking, and the driver inherits the second.
@@ -128,6 +154,13 @@ fn mount_options(options: &ConnectionOptions) -> OsString {
     if options.allow_other {
         list.push(",allow_other");
     }
+    for flag in options
+        .options
+        .iter()
+        .filter(|option| KERNEL_FLAGS.contains(&option.as_str()))
+    {
+        list.push(format!(",{flag}"));
+    }
     list.push(format!(",subtype={},fsname=", options.subtype));
     let device = options.device.as_os_str().as_bytes();
     let mut escaped = Vec::with_capacity(device.len());
@@ -141,18 +174,20 @@ fn mount_options(options: &ConnectionOptions) -> OsString {
     list
 }
 
-fn handoff_error(what: &str, source: io::Error) -> MountError {
+fn handoff_error(failure: &str, source: io::Error) -> MountError {
     MountError::Handoff {
-        what: what.to_string(),
+        failure: failure.to_string(),
         source,
     }
 }
 
 /// Runs as the hidden subcommand before a driver that mounts only block devices: moves into
-/// a private user and mount namespace in which this program stands in for `fusermount`, then
-/// executes the driver. Returns only on failure, with a shell's exit status.
-pub fn exec_driver(command: &[OsString]) -> u8 {
-    if let Err(error) = enter_driver_namespace() {
+/// a private user and mount namespace with a root of its own, in which this program stands
+/// in for `fusermount`, then executes the driver. Returns only on failure, with a shell's
+/// exit status.
+pub fn exec_driver(device: &Path, directory: &Path, command: &[OsString]) -> u8 {
+    let program = command.first().map(PathBuf::from).unwrap_or_default();
+    if let Err(error) = enter_driver_namespace(&program, device, directory) {
         eprintln!(
             "loopfuse: cannot start the driver: {}",
             crate::error_chain(&error)
@@ -170,45 +205,213 @@ enum NamespaceSetupError {
     )]
     Namespace(#[from] NamespaceError),
 
-    #[error("cannot bind loopfuse over {} in its namespace", path.display())]
-    Bind { path: PathBuf, source: nix::Error },
+    #[error("cannot mount {} in the driver's namespace", path.display())]
+    Mount { path: PathBuf, source: nix::Error },
+
+    #[error("cannot prepare {} in the driver's namespace", path.display())]
+    Prepare { path: PathBuf, source: io::Error },
 
     #[error("cannot find the loopfuse program")]
     OwnProgram { source: io::Error },
 }
 
+/// Top-level directories that hold programs and libraries; the driver's root shows them as
+/// they are (directories, or the symbolic links of a merged `/usr`).
+const SYSTEM_DIRECTORIES: [&str; 7] = [
+    "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
+];
+
+/// Files the C library and the driver read besides those: the user and group databases, the
+/// library cache, and the FUSE device, which libfuse opens before it tries to mount.
+const SYSTEM_FILES: [&str; 6] = [
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/ld.so.cache",
+    "/dev/fuse",
+    "/dev/null",
+];
+
+/// Where the old root is put aside, inside the new root, until it is detached.
+const OLD_ROOT: &str = ".old-root";
+
 /// Enters a new user and mount namespace with the same user and group IDs, so that the
 /// driver owns the files it serves as the caller and its `mount(2)` fails with EPERM. Then
-/// binds this program over every `fusermount` path.
+/// gives it a root of its own, which binds this program over every `fusermount` path.
 ///
-/// The namespace's capabilities last until `exec`, so the bind mounts are made here. Its
-/// mount namespace is owned by a less privileged user namespace, so the kernel turns every
-/// shared mount into a slave mount and the bind mounts stay inside.
-fn enter_driver_namespace() -> Result<(), NamespaceSetupError> {
-    let program =
+/// The namespace's capabilities last until `exec`, so all of this happens here. The root is a
+/// tmpfs with only what the driver needs, because a copy of every other mount of the system
+/// would keep each of them alive after the system unmounts it, for as long as the driver runs.
+fn enter_driver_namespace(
+    program: &Path,
+    device: &Path,
+    directory: &Path,
+) -> Result<(), NamespaceSetupError> {
+    let own_program =
         std::env::current_exe().map_err(|source| NamespaceSetupError::OwnProgram { source })?;
     namespace::enter_namespace_as_caller()?;
+    mount_at(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+    )?;
 
-    let mut targets: Vec<PathBuf> = HELPER_PATHS
+    // The mount point, which the driver must find empty, carries the new root until the
+    // pivot, so no other directory needs to exist for it.
+    let root = directory;
+    mount_at(
+        Some(Path::new("tmpfs")),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+    )?;
+    for path in SYSTEM_DIRECTORIES {
+        show_directory(root, Path::new(path))?;
+    }
+    for path in SYSTEM_FILES.iter().map(Path::new).chain([program, device]) {
+        if path.exists() {
+            bind_file(root, path, path)?;
+        }
+    }
+    create_directories(root, &under(root, directory))?;
+    let mut helpers: Vec<PathBuf> = HELPER_PATHS
         .iter()
         .filter_map(|path| std::fs::canonicalize(path).ok())
         .collect();
-    targets.sort();
-    targets.dedup();
-    for target in targets {
-        mount(
-            Some(&program),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|source| NamespaceSetupError::Bind {
-            path: target.clone(),
-            source,
-        })?;
+    helpers.sort();
+    helpers.dedup();
+    for helper in helpers {
+        bind_file(root, &own_program, &helper)?;
     }
-    Ok(())
+
+    switch_root(root)
+}
+
+/// Returns `path` inside the new root.
+fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+fn mount_at(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+) -> Result<(), NamespaceSetupError> {
+    mount(source, target, fstype, flags, None::<&str>).map_err(|source| {
+        NamespaceSetupError::Mount {
+            path: target.to_path_buf(),
+            source,
+        }
+    })
+}
+
+fn prepare_error(path: &Path) -> impl FnOnce(io::Error) -> NamespaceSetupError + '_ {
+    move |source| NamespaceSetupError::Prepare {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Shows a system directory in the new root: a symbolic link as the same link, a directory
+/// bound without what is mounted below it, or with it where the kernel requires that.
+fn show_directory(root: &Path, path: &Path) -> Result<(), NamespaceSetupError> {
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let target = under(root, path);
+    if metadata.file_type().is_symlink() {
+        let link = std::fs::read_link(path).map_err(prepare_error(path))?;
+        return std::os::unix::fs::symlink(link, &target).map_err(prepare_error(&target));
+    }
+    if !metadata.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir(&target).map_err(prepare_error(&target))?;
+    // A user namespace refuses to bind a directory alone when mounts below it would be
+    // uncovered (EINVAL); they come along then.
+    match mount(
+        Some(path),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    ) {
+        Err(nix::errno::Errno::EINVAL) => mount_at(
+            Some(path),
+            &target,
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+        ),
+        other => other.map_err(|source| NamespaceSetupError::Mount {
+            path: target,
+            source,
+        }),
+    }
+}
+
+/// Binds the file `source` at `path` in the new root, creating an empty file to bind onto
+/// where the new root has none.
+fn bind_file(root: &Path, source: &Path, path: &Path) -> Result<(), NamespaceSetupError> {
+    let target = under(root, path);
+    if !target.exists() {
+        if let Some(parent) = target.parent() {
+            create_directories(root, parent)?;
+        }
+        reject_system_path(root, &target)?;
+        std::fs::File::create(&target).map_err(prepare_error(&target))?;
+    }
+    mount_at(Some(source), &target, None, MsFlags::MS_BIND)
+}
+
+/// Creates a directory and its parents in the new root's tmpfs. A path below a bound system
+/// directory is rejected, since creating it would change the real system.
+fn create_directories(root: &Path, path: &Path) -> Result<(), NamespaceSetupError> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    reject_system_path(root, path)?;
+    std::fs::create_dir_all(path).map_err(prepare_error(path))
+}
+
+fn reject_system_path(root: &Path, path: &Path) -> Result<(), NamespaceSetupError> {
+    let relative = path.strip_prefix(root).unwrap_or(path);
+    let top = relative
+        .components()
+        .next()
+        .map(|first| Path::new("/").join(first));
+    match top {
+        Some(top)
+            if SYSTEM_DIRECTORIES
+                .iter()
+                .any(|system| Path::new(system) == top) =>
+        {
+            Err(NamespaceSetupError::Prepare {
+                path: path.to_path_buf(),
+                source: io::Error::other("it would lie in a system directory"),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Makes `root` the root directory and detaches the old one, with every mount copied from
+/// the system.
+fn switch_root(root: &Path) -> Result<(), NamespaceSetupError> {
+    let old_root = root.join(OLD_ROOT);
+    std::fs::create_dir(&old_root).map_err(prepare_error(&old_root))?;
+    nix::unistd::pivot_root(root, &old_root).map_err(|source| NamespaceSetupError::Mount {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    std::env::set_current_dir("/").map_err(prepare_error(Path::new("/")))?;
+    let old_root = Path::new("/").join(OLD_ROOT);
+    umount2(&old_root, MntFlags::MNT_DETACH).map_err(|source| NamespaceSetupError::Mount {
+        path: old_root.clone(),
+        source,
+    })?;
+    std::fs::remove_dir(&old_root).map_err(prepare_error(&old_root))
 }
 
 /// Returns whether this process was started as `fusermount` inside a driver's namespace.
@@ -304,7 +507,25 @@ mod tests {
             subtype: "exfat",
             read_only,
             allow_other,
+            options: &[],
         })
+    }
+
+    #[test]
+    fn kernel_flags_reach_the_mount() {
+        let user_options = ["noexec".to_string(), "uid=1000".to_string()];
+        let list = mount_options(&ConnectionOptions {
+            device: Path::new("/d"),
+            directory: Path::new("/mnt"),
+            subtype: "exfat",
+            read_only: false,
+            allow_other: false,
+            options: &user_options,
+        });
+        assert_eq!(
+            list,
+            "rw,nosuid,nodev,default_permissions,noexec,subtype=exfat,fsname=/d"
+        );
     }
 
     #[test]

@@ -153,9 +153,9 @@ pub enum MountError {
         output: String,
     },
 
-    #[error("{what}")]
+    #[error("{failure}")]
     Handoff {
-        what: String,
+        failure: String,
         source: std::io::Error,
     },
 

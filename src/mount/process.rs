@@ -51,6 +51,10 @@ pub fn start(
         let mut command = Command::new(own_program()?);
         command
             .arg(handoff::EXEC_DRIVER_SUBCOMMAND)
+            .arg("--device")
+            .arg(invocation.device)
+            .arg("--directory")
+            .arg(invocation.directory)
             .arg("--")
             .arg(program)
             .env(
@@ -105,7 +109,7 @@ fn open_log(log: &Path) -> Result<(std::fs::File, std::fs::File), MountError> {
 
 fn own_program() -> Result<std::path::PathBuf, MountError> {
     std::env::current_exe().map_err(|source| MountError::Handoff {
-        what: "cannot find the loopfuse program".to_string(),
+        failure: "cannot find the loopfuse program".to_string(),
         source,
     })
 }
@@ -196,6 +200,7 @@ impl Startup<'_> {
                 subtype,
                 read_only: self.invocation.read_only,
                 allow_other,
+                options: self.invocation.options,
             },
             ours,
         )

@@ -89,6 +89,9 @@ pub enum Command {
     /// Start a driver that mounts only block devices in its own namespace (internal).
     #[command(name = "exec-driver", hide = true)]
     ExecDriver(ExecDriverArgs),
+    /// Copy a driver's output to its log, bounded in size (internal).
+    #[command(name = "driver-log", hide = true)]
+    DriverLog,
 }
 
 /// Options that shape the device, shared by `attach` and the daemon.
@@ -277,6 +280,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Daemon(args) => run_daemon(&args),
         Command::ExecUnblocked(args) => {
             return ExitCode::from(attach::exec_unblocked(&args.command));
+        }
+        Command::DriverLog => {
+            return ExitCode::from(crate::mount::driver_log::run_filter());
         }
         Command::ExecDriver(args) => {
             return ExitCode::from(crate::mount::handoff::exec_driver(

@@ -26,6 +26,9 @@ pub struct Driver {
     /// Whether the driver mounts only as a block device (FUSE `blkdev`). loopfuse then makes
     /// the FUSE mount itself and hands the connection over (see [`super::handoff`]).
     pub block_device_only: bool,
+    /// Whether the driver's foreground mode traces every request, so its output goes through
+    /// a filter that bounds the log (see [`super::driver_log`]).
+    pub traces_requests: bool,
     arguments: fn(&Invocation) -> Vec<OsString>,
 }
 
@@ -102,6 +105,7 @@ static FUSE2FS: Driver = Driver {
     caveat: None,
     setuid_root: false,
     block_device_only: false,
+    traces_requests: false,
     arguments: |invocation| {
         vec![
             invocation.device.into(),
@@ -119,6 +123,7 @@ static FUSEFAT: Driver = Driver {
     writable: true,
     setuid_root: false,
     block_device_only: false,
+    traces_requests: false,
     caveat: None,
     // fusefat mounts read-only unless given its own "rw+" (which its manual calls
     // experimental).
@@ -140,9 +145,9 @@ static EXFAT_FUSE: Driver = Driver {
     writable: true,
     setuid_root: false,
     block_device_only: true,
+    traces_requests: true,
     caveat: None,
-    // -d is the only way to keep exfat-fuse in the foreground.
-    // NOTE: -d also logs every request, so the driver log grows by about 6 KB per MB written.
+    // -d is the only way to keep exfat-fuse in the foreground; it also traces every request.
     arguments: |invocation| {
         vec![
             "-d".into(),
@@ -161,6 +166,7 @@ static NTFS_3G: Driver = Driver {
     caveat: None,
     setuid_root: true,
     block_device_only: false,
+    traces_requests: false,
     arguments: |invocation| {
         let mode = if invocation.read_only {
             "no_detach,ro"
@@ -183,6 +189,7 @@ static SQUASHFUSE: Driver = Driver {
     caveat: None,
     setuid_root: false,
     block_device_only: false,
+    traces_requests: false,
     arguments: |invocation| {
         let mut arguments: Vec<OsString> = vec!["-f".into()];
         arguments.extend(extra_options(invocation));
@@ -197,6 +204,7 @@ static FUSEISO: Driver = Driver {
     writable: false,
     setuid_root: false,
     block_device_only: false,
+    traces_requests: false,
     caveat: None,
     // fuseiso takes FUSE options (-f) only after the mount point; -n keeps it from writing
     // ~/.mtab.fuseiso.
@@ -219,6 +227,7 @@ static EROFSFUSE: Driver = Driver {
     writable: false,
     setuid_root: false,
     block_device_only: false,
+    traces_requests: false,
     caveat: Some(
         "Debian 12 has no erofsfuse package; erofs-utils there ships only mkfs, fsck and dump tools",
     ),

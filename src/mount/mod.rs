@@ -9,6 +9,7 @@
 
 pub mod detect;
 pub mod driver;
+pub mod driver_log;
 pub mod handoff;
 mod process;
 

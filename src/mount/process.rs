@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::driver::{Driver, Invocation};
-use super::{DriverExited, MountError, handoff};
+use super::{DriverExited, MountError, driver_log, handoff};
 use crate::attach::{self, is_mounted};
 use crate::registry::{ProcessId, RegistryError};
 
@@ -66,11 +66,21 @@ pub fn start(
     } else {
         (Command::new(program), Stage::Mount)
     };
+    let (stdout, stderr, filter) = if driver.traces_requests {
+        let (filter, writer) = start_log_filter(log_file, log)?;
+        let writer_copy = writer.try_clone().map_err(|source| RegistryError::Io {
+            path: log.to_path_buf(),
+            source,
+        })?;
+        (Stdio::from(writer_copy), Stdio::from(writer), Some(filter))
+    } else {
+        (Stdio::from(log_copy), Stdio::from(log_file), None)
+    };
     command
         .args(&arguments)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log_copy))
-        .stderr(Stdio::from(log_file))
+        .stdout(stdout)
+        .stderr(stderr)
         // Its own process group keeps the driver out of reach of the terminal's Ctrl-C,
         // like the attach daemon.
         .process_group(0);
@@ -78,6 +88,9 @@ pub fn start(
         program: program.to_path_buf(),
         source,
     })?;
+    // The driver holds the only write end of the filter's pipe now, so the filter ends
+    // with it.
+    drop(command);
     drop(drivers_end);
 
     Startup {
@@ -87,6 +100,7 @@ pub fn start(
         log,
         source_name,
         premounted: None,
+        filter,
     }
     .wait(stage)
 }
@@ -105,6 +119,44 @@ fn open_log(log: &Path) -> Result<(std::fs::File, std::fs::File), MountError> {
         .map_err(log_error)?;
     let log_copy = log_file.try_clone().map_err(log_error)?;
     Ok((log_file, log_copy))
+}
+
+/// How long a failed start waits for the log filter to write the driver's last lines.
+const FILTER_EXIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Starts the filter that copies a driver's output into `log_file` (see
+/// [`super::driver_log`]) and returns it with the write end of its input pipe.
+fn start_log_filter(
+    log_file: std::fs::File,
+    log: &Path,
+) -> Result<(Child, std::io::PipeWriter), MountError> {
+    let io_error = |source| RegistryError::Io {
+        path: log.to_path_buf(),
+        source,
+    };
+    let (reader, writer) = std::io::pipe().map_err(io_error)?;
+    let program = own_program()?;
+    let filter = Command::new(&program)
+        .arg(driver_log::FILTER_SUBCOMMAND)
+        .stdin(Stdio::from(reader))
+        .stdout(Stdio::from(log_file))
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|source| MountError::Spawn { program, source })?;
+    Ok((filter, writer))
+}
+
+/// Waits up to `timeout` for `child` to exit; returns whether it did.
+fn wait_for_child(child: &mut Child, timeout: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
 }
 
 fn own_program() -> Result<std::path::PathBuf, MountError> {
@@ -134,6 +186,8 @@ struct Startup<'a> {
     source_name: &'a str,
     /// The FUSE mount made for the driver, unmounted again if the start fails.
     premounted: Option<UnmountOnDrop>,
+    /// The filter between the driver and its log, for a driver that traces requests.
+    filter: Option<Child>,
 }
 
 impl Startup<'_> {
@@ -215,7 +269,17 @@ impl Startup<'_> {
         }
     }
 
-    fn exited(self, status: std::process::ExitStatus) -> MountError {
+    fn exited(mut self, status: std::process::ExitStatus) -> MountError {
+        if let Some(filter) = self.filter.as_mut() {
+            // The filter writes the driver's last lines once it sees the end of its output.
+            let finished = wait_for_child(filter, FILTER_EXIT_TIMEOUT);
+            if !finished {
+                log::debug!(
+                    "{}: the driver's log filter is still running",
+                    self.source_name
+                );
+            }
+        }
         let output = std::fs::read_to_string(self.log).unwrap_or_default();
         MountError::DriverExited(Box::new(DriverExited {
             source_name: self.source_name.to_string(),

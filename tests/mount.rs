@@ -280,6 +280,18 @@ fn exfat_partition_filled_through_mount() {
     run_ok("mkfs.exfat", [other.as_os_str()]);
     let other_directory = sandbox.path("other");
     fs::create_dir(&other_directory).unwrap();
+    let other_name = other.to_str().unwrap();
+    let stderr = mount_fails(
+        &sandbox,
+        &[
+            format!("{other_name}:1").as_ref(),
+            other_directory.as_os_str(),
+        ],
+    );
+    assert!(
+        stderr.contains("the whole image is one exfat filesystem"),
+        "{stderr}"
+    );
     mount(&sandbox, &format!("{image_name}:1"), &directory);
     loopfuse_ok(
         &sandbox,

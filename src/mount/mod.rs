@@ -469,12 +469,27 @@ fn device_file(
         .iter()
         .map(|partition| partition.number.to_string())
         .collect();
-    let found = match state.partition_table {
-        Some(scheme) if !numbers.is_empty() => {
+    // A FAT or exFAT boot sector ends with the MBR signature, so such a disk reads as an
+    // empty MBR (to the kernel too) while it is one filesystem.
+    let whole_disk = if numbers.is_empty() {
+        identify(&attached.device, source_name).ok()
+    } else {
+        None
+    };
+    let found = match (state.partition_table, whole_disk) {
+        (Some(scheme), _) if !numbers.is_empty() => {
             format!("the {scheme} table has partitions {}", numbers.join(", "))
         }
-        Some(scheme) => format!("the {scheme} table has no partitions"),
-        None => "no partition table found".to_string(),
+        (_, Some(fstype)) => {
+            let image = source_name
+                .rsplit_once(':')
+                .map_or(source_name, |(image, _)| image);
+            format!(
+                "the whole image is one {fstype} filesystem; mount '{image}' without a partition number"
+            )
+        }
+        (Some(scheme), None) => format!("the {scheme} table has no partitions"),
+        (None, None) => "no partition table found".to_string(),
     };
     Err(MountError::NoPartition {
         source_name: source_name.to_string(),

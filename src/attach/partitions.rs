@@ -152,16 +152,7 @@ impl PartitionScanner {
 
     /// Writes the scan result to the state file.
     fn record(&self, table: Option<&PartitionTable>) {
-        let mut state = match self.registry.find(&self.name) {
-            Ok(entry) => entry.state,
-            Err(error) => {
-                log::warn!("{}: cannot record the partition scan: {error}", self.name);
-                return;
-            }
-        };
-
-        state.partition_table = table.map(|table| table.scheme.to_string());
-        state.partitions = table
+        let partitions: Vec<PartitionState> = table
             .iter()
             .flat_map(|table| &table.partitions)
             .map(|partition| PartitionState {
@@ -172,9 +163,14 @@ impl PartitionScanner {
                 label: partition.label.clone(),
             })
             .collect();
-        state.scans += 1;
+        let scheme = table.map(|table| table.scheme.to_string());
 
-        if let Err(error) = self.registry.write_state(&state) {
+        let recorded = self.registry.update_state(&self.name, |state| {
+            state.partition_table = scheme;
+            state.partitions = partitions;
+            state.scans += 1;
+        });
+        if let Err(error) = recorded {
             log::warn!("{}: cannot record the partition scan: {error}", self.name);
         }
     }

@@ -559,17 +559,12 @@ fn find_driver(
 }
 
 /// Applies `change` to the state file of `name`.
-///
-/// NOTE: the daemon's partition rescan rewrites the same file without a lock, so a rescan
-/// that overlaps this write can drop one of the two changes.
 fn update_state(
     registry: &Registry,
     name: &str,
     change: impl FnOnce(&mut AttachmentState),
 ) -> Result<(), RegistryError> {
-    let mut state = registry.find(name)?.state;
-    change(&mut state);
-    registry.write_state(&state)
+    registry.update_state(name, change)
 }
 
 /// The result of [`umount`].

@@ -282,6 +282,20 @@ impl Registry {
             .expect("an unbounded range always has a free name")
     }
 
+    /// Applies `change` to the state file of attachment `name` under the registry lock, so
+    /// that two processes changing different fields (a mount record and a partition scan)
+    /// do not lose each other's change.
+    pub fn update_state(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut AttachmentState),
+    ) -> Result<(), RegistryError> {
+        let _lock = self.lock()?;
+        let mut state = self.find(name)?.state;
+        change(&mut state);
+        self.write_state(&state)
+    }
+
     /// Writes the state file of `state.name`, replacing it atomically.
     pub fn write_state(&self, state: &AttachmentState) -> Result<(), RegistryError> {
         let path = self.state_path(&state.name);

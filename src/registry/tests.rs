@@ -93,3 +93,42 @@ fn registry_rejects_shared_directory() {
         Err(RegistryError::UnsafeRoot { .. })
     ));
 }
+
+#[test]
+fn concurrent_updates_keep_both_changes() {
+    let root = tempfile::tempdir().unwrap();
+    let registry = Registry::at(root.path().join("loopfuse")).unwrap();
+    registry.reserve(state("/a.img")).unwrap().keep();
+    const ROUNDS: usize = 40;
+
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for _ in 0..ROUNDS {
+                registry
+                    .update_state("loop0", |state| state.scans += 1)
+                    .unwrap();
+            }
+        });
+        scope.spawn(|| {
+            for number in 0..ROUNDS {
+                registry
+                    .update_state("loop0", |state| {
+                        state.mounts.push(MountRecord {
+                            directory: PathBuf::from(format!("/mnt/{number}")),
+                            device: PathBuf::from("/dev/null"),
+                            partition: None,
+                            fstype: "ext4".to_string(),
+                            driver: "fuse2fs".to_string(),
+                            driver_pid: None,
+                            owns_attachment: true,
+                        })
+                    })
+                    .unwrap();
+            }
+        });
+    });
+
+    let state = registry.find("loop0").unwrap().state;
+    assert_eq!(state.scans, ROUNDS as u64);
+    assert_eq!(state.mounts.len(), ROUNDS);
+}

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{Sandbox, find_tool, pattern, run, run_ok, sfdisk};
+use common::{Sandbox, find_tool, pattern, run, run_ok, sfdisk, wait_until};
 
 const MIB: u64 = 1 << 20;
 
@@ -306,6 +306,27 @@ fn exfat_partition_filled_through_mount() {
     umount(&sandbox, &directory);
     let options = mount_options(&other_directory);
     assert!(options.split(',').any(|flag| flag == "noexec"), "{options}");
+    umount(&sandbox, &other_directory);
+    sandbox.assert_clean();
+
+    // A driver that dies leaves its mount marked in the listing, and umount cleans up.
+    mount(&sandbox, other_name, &other_directory);
+    let listed = sandbox.list();
+    let driver = listed[0]["mounts"][0]["driver_pid"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(driver),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone = wait_until(std::time::Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{driver}")).exists()
+    });
+    assert!(gone, "the driver {driver} did not exit");
+    let table = sandbox.run(["list"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("other[driver-exited]"), "{table}");
     umount(&sandbox, &other_directory);
     sandbox.assert_clean();
 }

@@ -94,14 +94,16 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
 }
 
 /// Returns the directory a filesystem on `partition` (`None` for the disk) is mounted on,
-/// or "-".
+/// marked when its driver has exited, or "-".
 fn mountpoint_of(mounts: &[MountRecord], partition: Option<u32>) -> String {
-    mounts
-        .iter()
-        .find(|mounted| mounted.partition == partition)
-        .map_or("-".to_string(), |mounted| {
-            mounted.directory.display().to_string()
-        })
+    let Some(mounted) = mounts.iter().find(|mounted| mounted.partition == partition) else {
+        return "-".to_string();
+    };
+    let directory = mounted.directory.display();
+    match &mounted.driver_pid {
+        Some(driver) if !driver.is_running() => format!("{directory}[driver-exited]"),
+        _ => directory.to_string(),
+    }
 }
 
 /// Renders `entries` as `{"attachments": [...]}` followed by a newline.
@@ -120,7 +122,8 @@ pub fn to_json(entries: &[Entry]) -> Result<String, serde_json::Error> {
 /// Column headings of the table, in order. Partition rows are named `loopNpM`; their OFFSET is
 /// the partition's start inside the image, and TYPE is the partition type (the table type,
 /// MBR or GPT, on the disk row). MOUNTPOINT is where 'loopfuse mount' mounted the
-/// filesystem of that row's device. OVERLAY is the overlay file, `-` when writes go to the
+/// filesystem of that row's device, followed by `[driver-exited]` when its driver is gone
+/// ('loopfuse umount' cleans up). OVERLAY is the overlay file, `-` when writes go to the
 /// image. DEVICE stays last, so scripts can take the last field.
 const COLUMNS: [&str; 11] = [
     "NAME",

@@ -204,7 +204,7 @@ fn exfat_partition_filled_through_mount() {
     sfdisk(&image, "label: gpt\n,40M,L\n,,L\n");
     let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
     run_ok("mkfs.exfat", [device.with_file_name("p1").as_os_str()]);
-    // Partition 2 claims to be exFAT but holds no valid boot sector.
+    // Partition 2 claims to be exFAT but contains no valid boot sector.
     let mut bogus = vec![0u8; 512];
     bogus[3..11].copy_from_slice(b"EXFAT   ");
     fs::write(device.with_file_name("p2"), &bogus).unwrap();
@@ -227,6 +227,14 @@ fn exfat_partition_filled_through_mount() {
     );
     copy_tree(&tree, &directory);
     assert_eq!(read_tree(&directory), read_tree(&tree));
+    // The driver keeps the device open in its own namespace, where the kernel does not see it
+    // as busy, so detach must refuse and leave the mount working.
+    let output = sandbox.run(["detach", "--all"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("run 'loopfuse umount"), "{stderr}");
+    assert_eq!(read_tree(&directory), read_tree(&tree));
+
     // exfat-fuse traces every request; its log keeps the start and then only errors.
     fs::create_dir(directory.join("many")).unwrap();
     for number in 0..400 {
@@ -274,6 +282,32 @@ fn exfat_partition_filled_through_mount() {
     );
     assert!(stderr.contains("mount.exfat-fuse exited"), "{stderr}");
 
+    // A mount point with files in it is refused, as libfuse would.
+    let occupied = sandbox.path("occupied");
+    fs::create_dir(&occupied).unwrap();
+    fs::write(occupied.join("keep"), b"keep").unwrap();
+    let stderr = mount_fails(
+        &sandbox,
+        &[format!("{image_name}:1").as_ref(), occupied.as_os_str()],
+    );
+    assert!(stderr.contains("mount point is not empty"), "{stderr}");
+
+    // Root mounts below a directory that only another user may enter.
+    if common::is_root() {
+        let private = sandbox.path("private");
+        fs::create_dir_all(private.join("mnt")).unwrap();
+        std::os::unix::fs::chown(&private, Some(65534), Some(65534)).unwrap();
+        fs::set_permissions(
+            &private,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        mount(&sandbox, &format!("{image_name}:1"), &private.join("mnt"));
+        assert_eq!(read_tree(&private.join("mnt")), read_tree(&tree));
+        umount(&sandbox, &private.join("mnt"));
+        sandbox.assert_clean();
+    }
+
     // A second exFAT mount, started while the first is up, keeps no copy of it: the first
     // unmounts and its driver exits at once.
     let other = sandbox.sparse_image("other.img", 16 * MIB);
@@ -320,10 +354,10 @@ fn exfat_partition_filled_through_mount() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let gone = wait_until(std::time::Duration::from_secs(10), || {
+    let exited = wait_until(std::time::Duration::from_secs(10), || {
         !Path::new(&format!("/proc/{driver}")).exists()
     });
-    assert!(gone, "the driver {driver} did not exit");
+    assert!(exited, "the driver {driver} did not exit");
     let table = sandbox.run(["list"]);
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.contains("other[driver-exited]"), "{table}");

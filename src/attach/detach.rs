@@ -44,6 +44,9 @@ pub enum DetachError {
         log: PathBuf,
     },
 
+    #[error("{name}: a filesystem on it is mounted on {} by 'loopfuse mount'; run 'loopfuse umount {}' instead", directory.display(), directory.display())]
+    MountedFrom { name: String, directory: PathBuf },
+
     #[error("{failed} of {total} attachments could not be detached")]
     Several { failed: usize, total: usize },
 }
@@ -96,6 +99,21 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
         }
         registry.remove(name);
         return Ok(());
+    }
+
+    // A driver may hold the device through a mount of its own namespace, which the kernel
+    // does not count as busy here, so a live driver's mount is checked first.
+    let served = entry.state.mounts.iter().find(|mounted| {
+        mounted
+            .driver_pid
+            .as_ref()
+            .is_some_and(|driver| driver.is_running())
+    });
+    if let Some(mounted) = served {
+        return Err(DetachError::MountedFrom {
+            name: name.clone(),
+            directory: mounted.directory.clone(),
+        });
     }
 
     if entry.state.stage == Stage::Attached

@@ -61,13 +61,14 @@ pub struct ConnectionOptions<'a> {
     pub subtype: &'a str,
     pub read_only: bool,
     pub allow_other: bool,
-    /// The user's mount options; those that are kernel mount flags apply to the mount.
+    /// The user's mount options; those in [`PASSED_OPTIONS`] apply to the mount.
     pub options: &'a [String],
 }
 
-/// Mount flags that `fusermount3` passes to the kernel. A driver that mounts only block
-/// devices would get them from libfuse, so the mount made for it applies them instead.
-const KERNEL_FLAGS: [&str; 19] = [
+/// Mount options that `fusermount3` accepts and applies itself. A driver that mounts only
+/// block devices would get them from libfuse, so the mount made for it applies them instead.
+/// (`fusermount3` 3.14 rejects `relatime`, `lazytime` and the other atime variants.)
+const PASSED_OPTIONS: [&str; 12] = [
     "exec",
     "noexec",
     "suid",
@@ -79,14 +80,7 @@ const KERNEL_FLAGS: [&str; 19] = [
     "dirsync",
     "atime",
     "noatime",
-    "diratime",
-    "nodiratime",
-    "relatime",
-    "norelatime",
-    "strictatime",
-    "nostrictatime",
-    "lazytime",
-    "nolazytime",
+    "allow_other",
 ];
 
 /// Creates the socket pair between loopfuse and the driver's `fusermount` call. loopfuse
@@ -151,15 +145,16 @@ pub fn mount_connection(options: &ConnectionOptions, ours: &UnixStream) -> Resul
 fn mount_options(options: &ConnectionOptions) -> OsString {
     let mut list = OsString::from(if options.read_only { "ro" } else { "rw" });
     list.push(",nosuid,nodev,default_permissions");
-    if options.allow_other {
+    let user_allow_other = options.options.iter().any(|option| option == "allow_other");
+    if options.allow_other && !user_allow_other {
         list.push(",allow_other");
     }
-    for flag in options
+    for option in options
         .options
         .iter()
-        .filter(|option| KERNEL_FLAGS.contains(&option.as_str()))
+        .filter(|option| PASSED_OPTIONS.contains(&option.as_str()))
     {
-        list.push(format!(",{flag}"));
+        list.push(format!(",{option}"));
     }
     list.push(format!(",subtype={},fsname=", options.subtype));
     let device = options.device.as_os_str().as_bytes();
@@ -182,8 +177,8 @@ fn handoff_error(failure: &str, source: io::Error) -> MountError {
 }
 
 /// Runs as the hidden subcommand before a driver that mounts only block devices: moves into
-/// a private user and mount namespace with a root of its own, in which this program stands
-/// in for `fusermount`, then executes the driver. Returns only on failure, with a shell's
+/// a private user and mount namespace with a root of its own, in which this program replaces
+/// `fusermount`, then executes the driver. Returns only on failure, with a shell's
 /// exit status.
 pub fn exec_driver(device: &Path, directory: &Path, command: &[OsString]) -> u8 {
     let program = command.first().map(PathBuf::from).unwrap_or_default();
@@ -222,12 +217,15 @@ const SYSTEM_DIRECTORIES: [&str; 7] = [
 ];
 
 /// Files the C library and the driver read besides those: the user and group databases, the
-/// library cache, and the FUSE device, which libfuse opens before it tries to mount.
-const SYSTEM_FILES: [&str; 6] = [
+/// library cache, the time zone, and the FUSE device, which libfuse opens before it tries to
+/// mount.
+const SYSTEM_FILES: [&str; 8] = [
     "/etc/passwd",
     "/etc/group",
     "/etc/nsswitch.conf",
     "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/etc/timezone",
     "/dev/fuse",
     "/dev/null",
 ];
@@ -256,24 +254,36 @@ fn enter_driver_namespace(
         None,
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
     )?;
-
-    // The mount point, which the driver must find empty, carries the new root until the
-    // pivot, so no other directory needs to exist for it.
-    let root = directory;
+    // Opened before the new root covers the staging directory, where they may lie. A bind
+    // needs a source in this mount namespace, so not before the namespace.
+    let opened: Vec<(OwnedFd, &Path)> = [own_program.as_path(), program, device]
+        .into_iter()
+        .map(|path| open_path(path).map(|descriptor| (descriptor, path)))
+        .collect::<Result<_, _>>()?;
+    let root = staging_directory()?;
     mount_at(
         Some(Path::new("tmpfs")),
         root,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
     )?;
+
     for path in SYSTEM_DIRECTORIES {
         show_directory(root, Path::new(path))?;
     }
-    for path in SYSTEM_FILES.iter().map(Path::new).chain([program, device]) {
+    for path in SYSTEM_FILES.iter().map(Path::new) {
         if path.exists() {
             bind_file(root, path, path)?;
         }
     }
+    let [(own_descriptor, _), program_file, device_file] = &opened[..] else {
+        unreachable!("three paths were opened");
+    };
+    for (descriptor, path) in [program_file, device_file] {
+        bind_file(root, &descriptor_path(descriptor), path)?;
+    }
+    // The driver checks that the mount point exists and is empty, nothing more: the real
+    // mount is made outside.
     create_directories(root, &under(root, directory))?;
     let mut helpers: Vec<PathBuf> = HELPER_PATHS
         .iter()
@@ -282,10 +292,43 @@ fn enter_driver_namespace(
     helpers.sort();
     helpers.dedup();
     for helper in helpers {
-        bind_file(root, &own_program, &helper)?;
+        bind_file(root, &descriptor_path(own_descriptor), &helper)?;
     }
 
     switch_root(root)
+}
+
+/// Directories, world-accessible on common systems, on which the new root can be built.
+const STAGING_DIRECTORIES: [&str; 3] = ["/tmp", "/dev/shm", "/run"];
+
+/// Returns the directory to build the new root on: the first that exists.
+fn staging_directory() -> Result<&'static Path, NamespaceSetupError> {
+    STAGING_DIRECTORIES
+        .iter()
+        .map(Path::new)
+        .find(|path| path.is_dir())
+        .ok_or_else(|| NamespaceSetupError::Prepare {
+            path: PathBuf::from(STAGING_DIRECTORIES[0]),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        })
+}
+
+/// Opens `path` as a handle for mounting (`O_PATH`).
+fn open_path(path: &Path) -> Result<OwnedFd, NamespaceSetupError> {
+    nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|errno| NamespaceSetupError::Prepare {
+        path: path.to_path_buf(),
+        source: errno.into(),
+    })
+}
+
+/// The `/proc` path through which a mount reaches the file behind `descriptor`.
+fn descriptor_path(descriptor: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", descriptor.as_raw_fd()))
 }
 
 /// Returns `path` inside the new root.
@@ -424,7 +467,7 @@ pub fn invoked_as_fusermount() -> bool {
     is_helper_name && std::env::var_os(CONNECTION_VARIABLE).is_some()
 }
 
-/// Answers the driver's `fusermount` call: passes the waiting connection to libfuse, or,
+/// Handles the driver's `fusermount` call: passes the waiting connection to libfuse, or,
 /// for an unmount request, leaves the unmount to `loopfuse umount` outside the namespace.
 /// Returns the exit status.
 pub fn answer_fusermount() -> u8 {
@@ -512,19 +555,19 @@ mod tests {
     }
 
     #[test]
-    fn kernel_flags_reach_the_mount() {
-        let user_options = ["noexec".to_string(), "uid=1000".to_string()];
+    fn mount_options_among_user_options_reach_the_mount() {
+        let user_options = ["noexec", "uid=1000", "relatime", "allow_other"].map(String::from);
         let list = mount_options(&ConnectionOptions {
             device: Path::new("/d"),
             directory: Path::new("/mnt"),
             subtype: "exfat",
             read_only: false,
-            allow_other: false,
+            allow_other: true,
             options: &user_options,
         });
         assert_eq!(
             list,
-            "rw,nosuid,nodev,default_permissions,noexec,subtype=exfat,fsname=/d"
+            "rw,nosuid,nodev,default_permissions,noexec,allow_other,subtype=exfat,fsname=/d"
         );
     }
 

@@ -73,6 +73,9 @@ pub enum MountError {
     #[error("{}: mount point is not a directory", directory.display())]
     NotADirectory { directory: PathBuf },
 
+    #[error("{}: mount point is not empty, and the mount would hide its files; empty it, or pass '-o nonempty' to mount over them", directory.display())]
+    DirectoryNotEmpty { directory: PathBuf },
+
     #[error("{}: a filesystem is already mounted there; unmount it first", directory.display())]
     AlreadyMounted { directory: PathBuf },
 

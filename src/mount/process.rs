@@ -30,7 +30,7 @@ pub struct Started {
 ///
 /// A driver that exits first is reported with its output; one that neither mounts nor exits
 /// within [`MOUNT_TIMEOUT`] is killed and waited for. A driver that mounts only block devices
-/// is served a FUSE mount made here when it asks for one (see [`handoff`]); a failure after
+/// is served a FUSE mount made here when it requests one (see [`handoff`]); a failure after
 /// that unmounts it again.
 pub fn start(
     driver: &'static Driver,
@@ -39,11 +39,14 @@ pub fn start(
     log: &Path,
     source_name: &str,
 ) -> Result<Started, MountError> {
+    if driver.block_device_only {
+        check_empty(invocation)?;
+    }
     let (log_file, log_copy) = open_log(log)?;
     let arguments = driver.arguments(invocation);
     log::debug!("{source_name}: running {} {arguments:?}", program.display());
 
-    // The driver's end of the socket, closed here once the driver holds it, so that the
+    // The driver's end of the socket, closed here once the driver has it, so that the
     // driver's exit closes the socket.
     let mut drivers_end = None;
     let (mut command, stage) = if driver.block_device_only {
@@ -88,7 +91,7 @@ pub fn start(
         program: program.to_path_buf(),
         source,
     })?;
-    // The driver holds the only write end of the filter's pipe now, so the filter ends
+    // The driver has the only write end of the filter's pipe now, so the filter ends
     // with it.
     drop(command);
     drop(drivers_end);
@@ -103,6 +106,20 @@ pub fn start(
         filter,
     }
     .wait(stage)
+}
+
+/// Rejects a mount point with files in it unless the user passed `nonempty`, as libfuse 2
+/// does. The driver finds an empty directory in its own root and cannot check this itself.
+fn check_empty(invocation: &Invocation) -> Result<(), MountError> {
+    let directory = invocation.directory;
+    let has_files = std::fs::read_dir(directory).is_ok_and(|mut entries| entries.next().is_some());
+    let allowed = invocation.options.iter().any(|option| option == "nonempty");
+    if has_files && !allowed {
+        return Err(MountError::DirectoryNotEmpty {
+            directory: directory.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 fn open_log(log: &Path) -> Result<(std::fs::File, std::fs::File), MountError> {

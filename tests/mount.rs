@@ -531,7 +531,7 @@ fn failed_mounts_leave_nothing_behind() {
     assert!(stderr.contains("first 64 KiB are zeros"), "{stderr}");
 
     let stderr = mount_fails(&sandbox, &[image.as_os_str(), directory.as_os_str()]);
-    assert!(stderr.contains("gpt partition table"), "{stderr}");
+    assert!(stderr.contains("GPT partition table"), "{stderr}");
 }
 
 #[test]

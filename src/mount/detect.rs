@@ -95,7 +95,7 @@ impl fmt::Display for FsType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Detection {
     Filesystem(FsType),
-    /// A partition table without a filesystem at the start: "gpt" or "dos".
+    /// A partition table without a filesystem at the start: "GPT" or "MBR", as `list` names them.
     PartitionTable(&'static str),
     /// Only zero bytes: nothing was ever written there.
     Empty,
@@ -150,10 +150,10 @@ pub fn detect(bytes: &[u8]) -> Detection {
     }
     if bytes_at(bytes, 512, 8) == Some(b"EFI PART") || bytes_at(bytes, 4096, 8) == Some(b"EFI PART")
     {
-        return Detection::PartitionTable("gpt");
+        return Detection::PartitionTable("GPT");
     }
     if bytes_at(bytes, BOOT_SIGNATURE_OFFSET, 2) == Some(&[0x55, 0xAA]) {
-        return Detection::PartitionTable("dos");
+        return Detection::PartitionTable("MBR");
     }
     if bytes.iter().all(|&byte| byte == 0) {
         return Detection::Empty;
@@ -357,7 +357,7 @@ mod tests {
         let mut bytes = fat16();
         bytes[0x36..0x3E].copy_from_slice(b"        ");
 
-        assert_eq!(detect(&bytes), Detection::PartitionTable("dos"));
+        assert_eq!(detect(&bytes), Detection::PartitionTable("MBR"));
     }
 
     #[test]
@@ -365,7 +365,7 @@ mod tests {
         let mut bytes = with(512, b"EFI PART");
         bytes[510..512].copy_from_slice(&[0x55, 0xAA]);
 
-        assert_eq!(detect(&bytes), Detection::PartitionTable("gpt"));
+        assert_eq!(detect(&bytes), Detection::PartitionTable("GPT"));
     }
 
     #[test]

@@ -94,6 +94,7 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
             entry.state.image.display()
         );
         report_last_words(registry, name);
+        unmount_abandoned_filesystems(entry);
         if is_mounted(&entry.mountpoint) {
             unmount_lazily(&entry.mountpoint);
         }
@@ -115,6 +116,7 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
             directory: mounted.directory.clone(),
         });
     }
+    unmount_abandoned_filesystems(entry);
 
     if entry.state.stage == Stage::Attached
         && !is_mounted(&entry.mountpoint)
@@ -130,6 +132,26 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
     log::info!("{name}: detached {}", entry.state.image.display());
 
     Ok(())
+}
+
+/// Unmounts the filesystems that `loopfuse mount` made on this attachment and whose drivers
+/// have exited without unmounting (a driver in a namespace of its own cannot), so that no
+/// dead mount outlives its record.
+fn unmount_abandoned_filesystems(entry: &Entry) {
+    for mounted in &entry.state.mounts {
+        let driver_running = mounted
+            .driver_pid
+            .as_ref()
+            .is_some_and(|driver| driver.is_running());
+        if !driver_running && is_mounted(&mounted.directory) {
+            log::info!(
+                "{}: unmounting {}, whose driver has exited",
+                entry.state.name,
+                mounted.directory.display()
+            );
+            unmount_lazily(&mounted.directory);
+        }
+    }
 }
 
 /// Shows the end of a dead daemon's log before the log is removed with its entry, so the

@@ -320,7 +320,7 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         read_only,
         options: &options.driver_options,
     };
-    let log = registry.driver_log_path(&attached.name);
+    let log = registry.driver_log_path(&attached.name, options.partition);
     let started = process::start(driver, &program, &invocation, &log, &source_name)?;
     let pid = started.pid;
 

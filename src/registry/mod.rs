@@ -237,9 +237,27 @@ impl Registry {
         self.root.join(format!("{name}.overlay"))
     }
 
-    /// Log file of the filesystem drivers that `loopfuse mount` starts on `name`.
-    pub fn driver_log_path(&self, name: &str) -> PathBuf {
-        self.root.join(format!("{name}.driver.log"))
+    /// Log file of the filesystem driver that `loopfuse mount` starts on the disk of `name`
+    /// (`loopN.driver.log`) or on one of its partitions (`loopN.pM.driver.log`).
+    pub fn driver_log_path(&self, name: &str, partition: Option<u32>) -> PathBuf {
+        match partition {
+            Some(number) => self.root.join(format!("{name}.p{number}.driver.log")),
+            None => self.root.join(format!("{name}.driver.log")),
+        }
+    }
+
+    /// Every driver log of `name` that exists.
+    fn driver_logs(&self, name: &str) -> Vec<PathBuf> {
+        let prefix = format!("{name}.");
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|entry| entry.ok())
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|file| file.starts_with(&prefix) && file.ends_with(".driver.log"))
+            .map(|file| self.root.join(file))
+            .collect()
     }
 
     fn state_path(&self, name: &str) -> PathBuf {
@@ -327,12 +345,12 @@ impl Registry {
     /// The mount point is only removed when it is an empty directory, so this never touches
     /// a mounted filesystem.
     pub fn remove(&self, name: &str) {
-        let files = [
+        let mut files = vec![
             self.state_path(name),
             self.log_path(name),
             self.snapshot_path(name),
-            self.driver_log_path(name),
         ];
+        files.extend(self.driver_logs(name));
         for path in files {
             if let Err(error) = fs::remove_file(&path)
                 && error.kind() != io::ErrorKind::NotFound

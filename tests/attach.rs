@@ -492,3 +492,29 @@ fn writeback_reports_overflow_at_fsync() {
     assert_eq!(&fs::read(&image).unwrap()[..6], b"inside");
     sandbox.assert_clean();
 }
+
+#[test]
+fn daemon_closes_inherited_pipe() {
+    let test = "daemon_closes_inherited_pipe";
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 16 << 20);
+    // A pipe the caller leaves open across exec, as a shell, make or a CI runner may.
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+    fcntl(&writer, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+
+    let device = sandbox.attach([image.as_os_str()]);
+    drop(writer);
+
+    // Once no process has the write end, the reader gets the end of the file. Processes
+    // that other tests start meanwhile may inherit it for a moment too, hence the wait.
+    fcntl(&reader, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
+    let mut byte = [0u8; 1];
+    let closed = wait_until(Duration::from_secs(20), || {
+        matches!(reader.read(&mut byte), Ok(0))
+    });
+    sandbox.detach(&device);
+    assert!(closed, "the daemon kept the caller's pipe open");
+}

@@ -11,6 +11,7 @@ mod autoclear;
 mod daemon;
 mod detach;
 pub mod environment;
+pub mod inherited;
 mod lifecycle;
 mod mountinfo;
 pub mod namespace;

@@ -282,6 +282,7 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(attach::exec_unblocked(&args.command));
         }
         Command::DriverLog => {
+            attach::inherited::close_inherited_descriptors(&[]);
             return ExitCode::from(crate::mount::driver_log::run_filter());
         }
         Command::ExecDriver(args) => {
@@ -421,6 +422,7 @@ fn human_size(bytes: u64) -> String {
 }
 
 fn run_daemon(args: &DaemonArgs) -> CommandResult {
+    attach::inherited::close_inherited_descriptors(&[]);
     let registry = attach::daemon_registry()?;
     let options = AttachOptions {
         lifecycle: args.lifecycle.to_lifecycle(),

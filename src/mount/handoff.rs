@@ -181,6 +181,10 @@ fn handoff_error(failure: &str, source: io::Error) -> MountError {
 /// `fusermount`, then executes the driver. Returns only on failure, with a shell's
 /// exit status.
 pub fn exec_driver(device: &Path, directory: &Path, command: &[OsString]) -> u8 {
+    let connection: Vec<RawFd> = descriptor_variable(CONNECTION_VARIABLE)
+        .into_iter()
+        .collect();
+    crate::attach::inherited::close_inherited_descriptors(&connection);
     let program = command.first().map(PathBuf::from).unwrap_or_default();
     if let Err(error) = enter_driver_namespace(&program, device, directory) {
         eprintln!(

@@ -12,7 +12,7 @@ pub fn close_inherited_descriptors(keep: &[RawFd]) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
-    // Collected first: the directory listing itself holds a descriptor until it is dropped.
+    // Collected first: the directory listing has a descriptor of its own until it is dropped.
     let open: Vec<RawFd> = entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
         .collect();

@@ -220,6 +220,7 @@ fn exfat_partition_filled_through_mount() {
     mount(&sandbox, &format!("{image_name}:1"), &directory);
     let listed = sandbox.list();
     assert_eq!(listed[0]["mounts"][0]["fstype"], "exfat", "{listed:?}");
+    assert_eq!(listed[0]["mounts"][0]["driver_exited"], false, "{listed:?}");
     let mounts = sandbox.mounts();
     assert!(
         mounts.iter().any(|mounted| Path::new(mounted) == directory),
@@ -369,6 +370,7 @@ fn exfat_partition_filled_through_mount() {
         let table = sandbox.run(["list"]);
         let table = String::from_utf8_lossy(&table.stdout);
         assert!(table.contains("other[driver-exited]"), "{table}");
+        assert_eq!(sandbox.list()[0]["mounts"][0]["driver_exited"], true);
         match cleanup {
             "umount" => umount(&sandbox, &other_directory),
             _ => loopfuse_ok(&sandbox, &["detach".as_ref(), "--all".as_ref()]),

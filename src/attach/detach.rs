@@ -44,8 +44,10 @@ pub enum DetachError {
         log: PathBuf,
     },
 
-    #[error("{name}: a filesystem on it is mounted on {} by 'loopfuse mount'; run 'loopfuse umount {}' instead", directory.display(), directory.display())]
-    MountedFrom { name: String, directory: PathBuf },
+    #[error(
+        "{name}: filesystems on it are mounted by 'loopfuse mount' on {directories}; run 'loopfuse umount DIR' for each instead"
+    )]
+    MountedFrom { name: String, directories: String },
 
     #[error("{failed} of {total} attachments could not be detached")]
     Several { failed: usize, total: usize },
@@ -104,16 +106,22 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
 
     // A driver may hold the device through a mount of its own namespace, which the kernel
     // does not count as busy here, so a live driver's mount is checked first.
-    let served = entry.state.mounts.iter().find(|mounted| {
-        mounted
-            .driver_pid
-            .as_ref()
-            .is_some_and(|driver| driver.is_running())
-    });
-    if let Some(mounted) = served {
+    let served: Vec<String> = entry
+        .state
+        .mounts
+        .iter()
+        .filter(|mounted| {
+            mounted
+                .driver_pid
+                .as_ref()
+                .is_some_and(|driver| driver.is_running())
+        })
+        .map(|mounted| mounted.directory.display().to_string())
+        .collect();
+    if !served.is_empty() {
         return Err(DetachError::MountedFrom {
             name: name.clone(),
-            directory: mounted.directory.clone(),
+            directories: served.join(", "),
         });
     }
     unmount_abandoned_filesystems(entry);

@@ -27,7 +27,24 @@ struct ListedAttachment<'a> {
     partition_table: Option<&'a str>,
     partitions: Vec<ListedPartition>,
     /// Filesystems mounted by 'loopfuse mount' from this attachment.
-    mounts: &'a [MountRecord],
+    mounts: Vec<ListedMount<'a>>,
+}
+
+/// One filesystem mounted by 'loopfuse mount', as `list --json` prints it.
+#[derive(Debug, Serialize)]
+struct ListedMount<'a> {
+    #[serde(flatten)]
+    record: &'a MountRecord,
+    /// Whether its driver has exited, leaving the mount for 'umount' or 'detach' to remove.
+    driver_exited: bool,
+}
+
+/// Returns whether the driver of `mounted` was started and is no longer running.
+fn driver_exited(mounted: &MountRecord) -> bool {
+    mounted
+        .driver_pid
+        .as_ref()
+        .is_some_and(|driver| !driver.is_running())
 }
 
 /// One partition as `list --json` prints it.
@@ -89,20 +106,32 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
                 label: partition.label.clone(),
             })
             .collect(),
-        mounts: &entry.state.mounts,
+        mounts: entry
+            .state
+            .mounts
+            .iter()
+            .map(|record| ListedMount {
+                record,
+                driver_exited: driver_exited(record),
+            })
+            .collect(),
     }
 }
 
 /// Returns the directory a filesystem on `partition` (`None` for the disk) is mounted on,
 /// marked when its driver has exited, or "-".
-fn mountpoint_of(mounts: &[MountRecord], partition: Option<u32>) -> String {
-    let Some(mounted) = mounts.iter().find(|mounted| mounted.partition == partition) else {
+fn mountpoint_of(mounts: &[ListedMount], partition: Option<u32>) -> String {
+    let Some(mounted) = mounts
+        .iter()
+        .find(|mounted| mounted.record.partition == partition)
+    else {
         return "-".to_string();
     };
-    let directory = mounted.directory.display();
-    match &mounted.driver_pid {
-        Some(driver) if !driver.is_running() => format!("{directory}[driver-exited]"),
-        _ => directory.to_string(),
+    let directory = mounted.record.directory.display();
+    if mounted.driver_exited {
+        format!("{directory}[driver-exited]")
+    } else {
+        directory.to_string()
     }
 }
 
@@ -160,7 +189,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
             item.pid.to_string(),
             item.state.to_string(),
             item.partition_table.unwrap_or("-").to_string(),
-            mountpoint_of(item.mounts, None),
+            mountpoint_of(&item.mounts, None),
             item.image.clone(),
             overlay.clone(),
             item.device.clone(),
@@ -174,7 +203,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
                 item.pid.to_string(),
                 "partition".to_string(),
                 partition.type_name.clone(),
-                mountpoint_of(item.mounts, Some(partition.number)),
+                mountpoint_of(&item.mounts, Some(partition.number)),
                 item.image.clone(),
                 overlay.clone(),
                 partition.device.clone(),

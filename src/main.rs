@@ -8,8 +8,8 @@ use loopfuse::cli::{Cli, Command, losetup, run};
 use loopfuse::mount::handoff;
 
 fn main() -> ExitCode {
-    // Inside the namespace of a driver that mounts only block devices, this program stands
-    // in for fusermount.
+    // Inside the namespace of a driver that mounts only block devices, this program replaces
+    // fusermount.
     if handoff::invoked_as_fusermount() {
         return ExitCode::from(handoff::answer_fusermount());
     }

@@ -357,8 +357,8 @@ fn exfat_partition_filled_through_mount() {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        // A zombie counts as exited: its parent, `loopfuse mount`, is gone, and whoever
-        // inherited it may reap it late.
+        // A zombie counts as exited, because its parent `loopfuse mount` is gone and the
+        // process that inherited it may reap it late.
         let exited = wait_until(std::time::Duration::from_secs(10), || {
             fs::read_to_string(format!("/proc/{driver}/stat")).map_or(true, |stat| {
                 stat.rsplit(") ")
@@ -379,7 +379,7 @@ fn exfat_partition_filled_through_mount() {
     }
 }
 
-/// The mount options of the mount on `directory`, from `/proc/self/mountinfo`.
+/// Returns the options of the mount on `directory`, from `/proc/self/mountinfo`.
 fn mount_options(directory: &Path) -> String {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let line = mountinfo

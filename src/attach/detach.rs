@@ -110,12 +110,7 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
         .state
         .mounts
         .iter()
-        .filter(|mounted| {
-            mounted
-                .driver_pid
-                .as_ref()
-                .is_some_and(|driver| driver.is_running())
-        })
+        .filter(|mounted| mounted.driver_running())
         .map(|mounted| mounted.directory.display().to_string())
         .collect();
     if !served.is_empty() {
@@ -147,11 +142,7 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
 /// dead mount outlives its record.
 fn unmount_abandoned_filesystems(entry: &Entry) {
     for mounted in &entry.state.mounts {
-        let driver_running = mounted
-            .driver_pid
-            .as_ref()
-            .is_some_and(|driver| driver.is_running());
-        if !driver_running && is_mounted(&mounted.directory) {
+        if !mounted.driver_running() && is_mounted(&mounted.directory) {
             log::info!(
                 "{}: unmounting {}, whose driver has exited",
                 entry.state.name,

@@ -84,7 +84,7 @@ pub fn enter_private_namespace() -> Result<(), NamespaceError> {
 }
 
 /// Moves this process into a new user and mount namespace in which its user and group keep
-/// their IDs. It holds the namespace's capabilities only until `exec`, unless it is root.
+/// their IDs. It keeps the namespace's capabilities only until `exec`, unless it is root.
 /// Must be called while the process has a single thread.
 pub fn enter_namespace_as_caller() -> Result<(), NamespaceError> {
     enter_namespace(Inside::SameIds)

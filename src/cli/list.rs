@@ -39,14 +39,6 @@ struct ListedMount<'a> {
     driver_exited: bool,
 }
 
-/// Returns whether the driver of `mounted` was started and is no longer running.
-fn driver_exited(mounted: &MountRecord) -> bool {
-    mounted
-        .driver_pid
-        .as_ref()
-        .is_some_and(|driver| !driver.is_running())
-}
-
 /// One partition as `list --json` prints it.
 #[derive(Debug, Serialize)]
 struct ListedPartition {
@@ -112,7 +104,7 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
             .iter()
             .map(|record| ListedMount {
                 record,
-                driver_exited: driver_exited(record),
+                driver_exited: record.driver_exited(),
             })
             .collect(),
     }

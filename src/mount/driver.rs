@@ -147,7 +147,8 @@ static EXFAT_FUSE: Driver = Driver {
     block_device_only: true,
     traces_requests: true,
     caveat: None,
-    // -d is the only way to keep exfat-fuse in the foreground; it also traces every request.
+    // -d is the only way to keep exfat-fuse in the foreground, and it also traces every
+    // request.
     arguments: |invocation| {
         vec![
             "-d".into(),

@@ -15,11 +15,11 @@ const VERBATIM_BYTES: usize = 64 * 1024;
 const TRIMMED_NOTICE: &[u8] =
     b"loopfuse: the driver's later request traces are left out of this log; its errors and warnings follow\n";
 
-/// Line starts of messages worth keeping after the limit: libexfat's errors, warnings and
-/// bug reports, libfuse's own errors, and loopfuse's.
-const KEPT_PREFIXES: [&[u8]; 5] = [b"ERROR", b"WARN", b"BUG", b"fuse:", b"loopfuse"];
+/// Line starts of messages worth keeping after the limit: exfat-fuse's errors and warnings
+/// (`ERROR: `, `WARN: `), libfuse's own errors, and loopfuse's.
+const KEPT_PREFIXES: [&[u8]; 4] = [b"ERROR", b"WARN", b"fuse:", b"loopfuse"];
 
-/// Runs as the hidden subcommand; returns the exit status.
+/// Runs as the hidden subcommand and returns the exit status.
 pub fn run_filter() -> u8 {
     let input = io::stdin().lock();
     match filter(input, io::stdout().lock()) {

@@ -1,5 +1,5 @@
-//! Mounting for a driver that mounts only block devices. `exfat-fuse` 1.3 always asks the
-//! kernel for a `fuseblk` mount, which needs a real block device, and a loopfuse device file
+//! Mounting for a driver that mounts only block devices. `exfat-fuse` 1.3 always requests a
+//! `fuseblk` mount from the kernel, which needs a real block device, and a loopfuse device file
 //! is not one.
 //!
 //! So loopfuse makes the FUSE mount itself, through `fusermount3`, and hands the connection
@@ -53,7 +53,7 @@ const HELPER_PATHS: [&str; 4] = [
     "/usr/bin/fusermount3",
 ];
 
-/// What the FUSE mount made for a driver looks like.
+/// Options of the FUSE mount made for a driver.
 pub struct ConnectionOptions<'a> {
     pub device: &'a Path,
     pub directory: &'a Path,
@@ -61,7 +61,7 @@ pub struct ConnectionOptions<'a> {
     pub subtype: &'a str,
     pub read_only: bool,
     pub allow_other: bool,
-    /// The user's mount options; those in [`PASSED_OPTIONS`] apply to the mount.
+    /// The user's mount options. Those in [`PASSED_OPTIONS`] apply to the mount.
     pub options: &'a [String],
 }
 
@@ -140,8 +140,8 @@ pub fn mount_connection(options: &ConnectionOptions, ours: &UnixStream) -> Resul
     Ok(())
 }
 
-/// The `-o` list for `fusermount3`. Commas and backslashes in the device path are escaped
-/// as libfuse does.
+/// Builds the `-o` list for `fusermount3`. Commas and backslashes in the device path are
+/// escaped as libfuse does.
 fn mount_options(options: &ConnectionOptions) -> OsString {
     let mut list = OsString::from(if options.read_only { "ro" } else { "rw" });
     list.push(",nosuid,nodev,default_permissions");
@@ -214,8 +214,8 @@ enum NamespaceSetupError {
     OwnProgram { source: io::Error },
 }
 
-/// Top-level directories that hold programs and libraries; the driver's root shows them as
-/// they are (directories, or the symbolic links of a merged `/usr`).
+/// Top-level directories that contain programs and libraries. The driver's root shows them
+/// as they are (directories, or the symbolic links of a merged `/usr`).
 const SYSTEM_DIRECTORIES: [&str; 7] = [
     "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
 ];
@@ -234,7 +234,7 @@ const SYSTEM_FILES: [&str; 8] = [
     "/dev/null",
 ];
 
-/// Where the old root is put aside, inside the new root, until it is detached.
+/// Directory inside the new root that holds the old root until it is detached.
 const OLD_ROOT: &str = ".old-root";
 
 /// Enters a new user and mount namespace with the same user and group IDs, so that the
@@ -330,7 +330,7 @@ fn open_path(path: &Path) -> Result<OwnedFd, NamespaceSetupError> {
     })
 }
 
-/// The `/proc` path through which a mount reaches the file behind `descriptor`.
+/// Returns the `/proc` path through which a mount reaches the file behind `descriptor`.
 fn descriptor_path(descriptor: &OwnedFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", descriptor.as_raw_fd()))
 }
@@ -376,8 +376,8 @@ fn show_directory(root: &Path, path: &Path) -> Result<(), NamespaceSetupError> {
         return Ok(());
     }
     std::fs::create_dir(&target).map_err(prepare_error(&target))?;
-    // A user namespace refuses to bind a directory alone when mounts below it would be
-    // uncovered (EINVAL); they come along then.
+    // A user namespace rejects the bind of a directory alone (EINVAL) when mounts below it
+    // would be uncovered, so then they are bound with it.
     match mount(
         Some(path),
         &target,
@@ -482,7 +482,7 @@ pub fn answer_fusermount() -> u8 {
     match pass_connection() {
         Ok(()) => 0,
         Err(error) => {
-            eprintln!("loopfuse (as fusermount): cannot pass the FUSE connection on: {error}");
+            eprintln!("loopfuse (as fusermount): failed to pass the FUSE connection on: {error}");
             1
         }
     }
@@ -492,8 +492,8 @@ fn pass_connection() -> io::Result<()> {
     let connection = descriptor_variable(CONNECTION_VARIABLE)?;
     let libfuse = descriptor_variable(COMMFD_VARIABLE)?;
 
-    // Ask loopfuse to mount now: libfuse has checked the mount point, which a mount made
-    // earlier would have kept waiting for this very driver.
+    // Request the mount only now, because libfuse has checked the mount point by this time.
+    // A mount made earlier would have blocked that check on this very driver.
     sendmsg::<()>(
         connection,
         &[IoSlice::new(&[REQUEST])],

@@ -20,7 +20,7 @@ use std::time::Duration;
 use nix::unistd::{AccessFlags, access};
 
 use crate::attach::{self, AttachError, AttachOptions, DetachError, environment, is_mounted};
-use crate::registry::{AttachmentState, MountRecord, Registry, RegistryError};
+use crate::registry::{MountRecord, Registry, RegistryError};
 use detect::{Detection, FsType};
 use driver::{Driver, Support};
 
@@ -307,9 +307,7 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         driver_pid: None,
         owns_attachment: true,
     };
-    update_state(registry, &attached.name, |state| {
-        state.mounts.push(record.clone())
-    })?;
+    registry.update_state(&attached.name, |state| state.mounts.push(record.clone()))?;
     if reused.is_some() {
         guard.record = Some((attached.name.clone(), directory.clone()));
     }
@@ -325,7 +323,7 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
     let pid = started.pid;
 
     record.driver_pid = crate::registry::ProcessId::of(pid as i32);
-    update_state(registry, &attached.name, |state| {
+    registry.update_state(&attached.name, |state| {
         if let Some(entry) = state
             .mounts
             .iter_mut()
@@ -403,7 +401,7 @@ impl DetachOnDrop<'_> {
 impl Drop for DetachOnDrop<'_> {
     fn drop(&mut self) {
         if let Some((name, directory)) = self.record.take() {
-            let removed = update_state(self.registry, &name, |state| {
+            let removed = self.registry.update_state(&name, |state| {
                 state
                     .mounts
                     .retain(|mounted| mounted.directory != directory)
@@ -473,7 +471,7 @@ fn device_file(
         .map(|partition| partition.number.to_string())
         .collect();
     // A FAT or exFAT boot sector ends with the MBR signature, so such a disk reads as an
-    // empty MBR (to the kernel too) while it is one filesystem.
+    // empty MBR table while it is one filesystem.
     let whole_disk = if numbers.is_empty() {
         identify(&attached.device, source_name).ok()
     } else {
@@ -561,15 +559,6 @@ fn find_driver(
     Ok((driver, program))
 }
 
-/// Applies `change` to the state file of `name`.
-fn update_state(
-    registry: &Registry,
-    name: &str,
-    change: impl FnOnce(&mut AttachmentState),
-) -> Result<(), RegistryError> {
-    registry.update_state(name, change)
-}
-
 /// The result of [`umount`].
 #[derive(Debug, Clone)]
 pub struct Unmounted {
@@ -622,7 +611,7 @@ pub fn umount(registry: &Registry, directory: &Path) -> Result<Unmounted, MountE
     }
     log::info!("{name}: unmounted {}", wanted.display());
 
-    update_state(registry, &name, |state| {
+    registry.update_state(&name, |state| {
         state.mounts.retain(|mounted| mounted.directory != wanted)
     })?;
     // The attachment goes with the last filesystem mounted from it.

@@ -30,7 +30,7 @@ pub struct Started {
 ///
 /// A driver that exits first is reported with its output; one that neither mounts nor exits
 /// within [`MOUNT_TIMEOUT`] is killed and waited for. A driver that mounts only block devices
-/// is served a FUSE mount made here when it requests one (see [`handoff`]); a failure after
+/// is served a FUSE mount made here when it requests one (see [`handoff`]). A failure after
 /// that unmounts it again.
 pub fn start(
     driver: &'static Driver,
@@ -183,11 +183,11 @@ fn own_program() -> Result<std::path::PathBuf, MountError> {
     })
 }
 
-/// What the start of a driver waits for next.
+/// Step that the start of a driver waits for next.
 enum Stage {
     /// Waiting for the driver to mount its directory itself.
     Mount,
-    /// Waiting for a driver that mounts only block devices to ask for its connection.
+    /// Waiting for a driver that mounts only block devices to request its connection.
     Request(UnixStream),
     /// The connection is mounted and handed over: waiting for the `statvfs` of the directory,
     /// which returns once the driver serves it, or fails once the connection ends.
@@ -255,13 +255,13 @@ impl Startup<'_> {
         }
     }
 
-    /// Mounts the FUSE connection the driver asked for and sends it over `ours`.
+    /// Mounts the FUSE connection the driver requested and sends it over `ours`.
     fn mount_connection(&self, ours: &UnixStream) -> Result<(), MountError> {
         let program = self.driver.program;
         let subtype = program.strip_prefix("mount.").unwrap_or(program);
         let subtype = subtype.strip_suffix("-fuse").unwrap_or(subtype);
-        // exfat-fuse asks for allow_other. Root gets it, and an unprivileged user only where
-        // /etc/fuse.conf has user_allow_other.
+        // exfat-fuse requests allow_other. Root gets it, and an unprivileged user only where
+        // /etc/fuse.conf contains user_allow_other.
         let allow_other =
             nix::unistd::geteuid().is_root() || crate::attach::environment::user_allow_other();
         handoff::mount_connection(
@@ -288,7 +288,7 @@ impl Startup<'_> {
 
     fn exited(mut self, status: std::process::ExitStatus) -> MountError {
         if let Some(filter) = self.filter.as_mut() {
-            // The filter writes the driver's last lines once it sees the end of its output.
+            // The filter writes the driver's last lines once it reads the end of its output.
             let finished = wait_for_child(filter, FILTER_EXIT_TIMEOUT);
             if !finished {
                 log::debug!(
@@ -324,8 +324,8 @@ enum Progress {
     Waiting(Stage),
 }
 
-/// Asks for the directory's `statvfs` on a thread of its own, since it waits until the driver
-/// serves the mount, or until its connection ends.
+/// Calls `statvfs` on the directory in a thread of its own, because the call waits until the
+/// driver serves the mount or its connection ends.
 fn served(directory: &Path) -> mpsc::Receiver<nix::Result<()>> {
     let (sender, receiver) = mpsc::channel();
     let directory = directory.to_path_buf();

@@ -246,7 +246,7 @@ impl Registry {
         }
     }
 
-    /// Every driver log of `name` that exists.
+    /// Returns the driver logs of `name` that exist.
     fn driver_logs(&self, name: &str) -> Vec<PathBuf> {
         let prefix = format!("{name}.");
         let Ok(entries) = fs::read_dir(&self.root) else {

@@ -24,3 +24,17 @@ pub struct MountRecord {
     /// Whether `loopfuse mount` attached the image itself, so `umount` detaches it too.
     pub owns_attachment: bool,
 }
+
+impl MountRecord {
+    /// Returns whether the driver was started and is still running.
+    pub fn driver_running(&self) -> bool {
+        self.driver_pid
+            .as_ref()
+            .is_some_and(|driver| driver.is_running())
+    }
+
+    /// Returns whether the driver was started and has exited since.
+    pub fn driver_exited(&self) -> bool {
+        self.driver_pid.is_some() && !self.driver_running()
+    }
+}

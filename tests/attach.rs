@@ -493,6 +493,38 @@ fn writeback_reports_overflow_at_fsync() {
     sandbox.assert_clean();
 }
 
+/// With write-back caching, `dd` without a count still stops at the end of the device with
+/// ENOSPC, as on a block device, instead of filling the page cache forever. Once it has
+/// closed the file, the size is the device's again and writes inside it work.
+#[test]
+fn writeback_stops_a_writer_at_the_end() {
+    let Some(sandbox) = Sandbox::new("writeback_stops_a_writer_at_the_end", &["dd", "timeout"])
+    else {
+        return;
+    };
+    let image = sandbox.image_with("disk.img", &vec![0xff; 16 * MIB as usize]);
+    let device = sandbox.attach(["--cache".as_ref(), "writeback".as_ref(), image.as_os_str()]);
+
+    // Without the guard dd never ends; `timeout` then exits with 124.
+    let target = format!("of={}", device.display());
+    let output = common::run("timeout", ["60", "dd", "if=/dev/zero", &target, "bs=1M"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "dd: {stderr}");
+    assert!(stderr.contains("No space left on device"), "dd: {stderr}");
+
+    assert_eq!(fs::metadata(&device).unwrap().len(), 16 * MIB);
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+    file.write_all_at(b"inside", MIB).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    sandbox.detach(&device);
+
+    let mut expected = vec![0u8; 16 * MIB as usize];
+    expected[MIB as usize..MIB as usize + 6].copy_from_slice(b"inside");
+    assert!(fs::read(&image).unwrap() == expected, "image bytes differ");
+    sandbox.assert_clean();
+}
+
 #[test]
 fn daemon_closes_inherited_pipe() {
     let test = "daemon_closes_inherited_pipe";

@@ -119,8 +119,8 @@ pub struct DeviceArgs {
 
     /// How the kernel caches the device's data: writethrough (reads cached, every write
     /// reaches the image before write() returns), writeback (writes cached too: much faster
-    /// small writes, but writes past the end or into a full filesystem fail only at fsync
-    /// or close), or none (nothing cached).
+    /// small writes, but a write past the end or into a full filesystem is reported late,
+    /// by a later write, fsync or close), or none (nothing cached).
     #[arg(long, value_name = "MODE", value_parser = parse_cache_mode, default_value = "writethrough")]
     pub cache: CacheMode,
 

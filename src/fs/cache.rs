@@ -11,8 +11,10 @@ pub enum CacheMode {
     Writethrough,
     /// Writes are also cached and reach the image in large batches, on `fsync`, `close`
     /// or when the kernel writes back dirty pages. Small random writes are several times
-    /// faster, but a write past the end or into a full backing filesystem only fails at
-    /// `fsync` or `close`, and the kernel's idea of the file size grows with such writes.
+    /// faster, but a write past the end or into a full backing filesystem is reported late:
+    /// the daemon sees it only when the kernel writes the page back. A write past the end
+    /// then fails `fsync`, `close` and every later write of the files open for writing,
+    /// until they are closed; until then the kernel reports a size grown by that write.
     Writeback,
     /// Nothing is cached: every read and write is a request to the daemon (`direct_io`).
     /// Uses no page cache for the device files, at the cost of speed.

@@ -26,12 +26,43 @@ pub struct DeviceEntry {
     /// Byte offset of this device inside the whole disk, used to find the overlapping range
     /// of other device files after a write.
     pub disk_offset: u64,
+    /// Set when, with write-back caching, a write past the end reached the daemon: the
+    /// kernel then believes the file is larger than the device. Shared by every clone of
+    /// the entry, so all open files of the inode see it.
+    pub overrun: Arc<AtomicBool>,
+}
+
+impl DeviceEntry {
+    fn new(name: String, inode: u64, device: Arc<dyn BlockDevice>, disk_offset: u64) -> Self {
+        Self {
+            name,
+            inode,
+            device,
+            disk_offset,
+            overrun: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Returns every name the kernel may have looked this file up by, because `pN` is
+    /// also found as `diskpN` and `diskN` (see [`DeviceTable::find_by_name`]).
+    pub fn names(&self) -> Vec<String> {
+        match self.name.strip_prefix('p') {
+            Some(number) => vec![
+                self.name.clone(),
+                format!("{DISK_NAME}p{number}"),
+                format!("{DISK_NAME}{number}"),
+            ],
+            None => vec![self.name.clone()],
+        }
+    }
 }
 
 /// An open file: the device it was opened on and the byte range written through it since
 /// the last flush, kept as `start..end` in two atomics so writers do not take a lock.
 pub struct OpenFile {
     pub entry: DeviceEntry,
+    /// Opened for writing (`O_WRONLY` or `O_RDWR`).
+    pub writable: bool,
     written_start: AtomicU64,
     written_end: AtomicU64,
     /// Set by every write and cleared by [`OpenFile::take_changed`], which runs on close.
@@ -39,9 +70,10 @@ pub struct OpenFile {
 }
 
 impl OpenFile {
-    fn new(entry: DeviceEntry) -> Self {
+    fn new(entry: DeviceEntry, writable: bool) -> Self {
         Self {
             entry,
+            writable,
             written_start: AtomicU64::new(u64::MAX),
             written_end: AtomicU64::new(0),
             changed_since_close: AtomicBool::new(false),
@@ -80,12 +112,7 @@ pub struct DeviceTable {
 impl DeviceTable {
     /// Creates a table holding only the whole-disk file.
     pub fn new(disk: Arc<dyn BlockDevice>) -> Self {
-        let entry = DeviceEntry {
-            name: DISK_NAME.to_string(),
-            inode: DISK_INODE,
-            device: disk,
-            disk_offset: 0,
-        };
+        let entry = DeviceEntry::new(DISK_NAME.to_string(), DISK_INODE, disk, 0);
 
         Self {
             entries: RwLock::new(vec![entry]),
@@ -132,12 +159,12 @@ impl DeviceTable {
             });
             let entry = match unchanged {
                 Some(entry) => entry.clone(),
-                None => DeviceEntry {
+                None => DeviceEntry::new(
                     name,
-                    inode: self.next_inode.fetch_add(1, Ordering::Relaxed),
+                    self.next_inode.fetch_add(1, Ordering::Relaxed),
                     device,
                     disk_offset,
-                },
+                ),
             };
             entries.push(entry);
         }
@@ -187,9 +214,9 @@ impl DeviceTable {
     }
 
     /// Registers an open file of `entry` and returns its handle.
-    pub fn open(&self, entry: DeviceEntry) -> u64 {
+    pub fn open(&self, entry: DeviceEntry, writable: bool) -> u64 {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let file = Arc::new(OpenFile::new(entry));
+        let file = Arc::new(OpenFile::new(entry, writable));
         self.write_handles().insert(handle, file);
         handle
     }
@@ -212,6 +239,15 @@ impl DeviceTable {
         self.handles
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Returns whether any file of `inode` is open.
+    pub fn is_open(&self, inode: u64) -> bool {
+        self.handles
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .any(|file| file.entry.inode == inode)
     }
 
     /// Number of files currently open.

@@ -12,6 +12,7 @@ mod fallocate;
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -25,6 +26,8 @@ use fuser::{
 pub use cache::CacheMode;
 pub use devices::{DISK_INODE, DISK_NAME, DeviceEntry, DeviceTable, OpenFile, ROOT_INODE};
 use fallocate::fallocate_device;
+
+use crate::block::clamp_to_device;
 
 /// How long the kernel may cache attributes and names. The size and times of a device file
 /// never change while attached, so only `st_blocks` can be up to this much out of date.
@@ -141,6 +144,69 @@ impl DeviceFs {
                 log::warn!("{}: cannot invalidate cached pages: {error}", other.name);
             }
         }
+    }
+
+    /// Writes the part of a write-back request that lies inside the device and returns
+    /// `ENOSPC` for the request, which `fsync` and `close` then report.
+    ///
+    /// With write-back caching the kernel accepts a write past the end into its page cache
+    /// and grows its cached file size, because only the daemon has the real size. So the
+    /// inode is marked and its cached attributes are invalidated. The kernel then sends
+    /// GETATTR before the next cached write, and `getattr` fails it with `ENOSPC`. A `dd`
+    /// without a count thus stops at the end instead of filling the cache forever.
+    fn reject_write_past_end(&self, file: &OpenFile, offset: u64, data: &[u8]) -> Errno {
+        let entry = &file.entry;
+        let inside = clamp_to_device(offset, data.len(), entry.device.len());
+        if inside > 0 {
+            match entry.device.write_at(offset, &data[..inside]) {
+                Ok(count) => file.record_write(offset, count as u64),
+                Err(error) => return failed("write", entry, offset, &error),
+            }
+        }
+        if !entry.overrun.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "{}: a write went past the end of the device (at {:#x}); writes through its open files fail with ENOSPC until they are closed",
+                entry.name,
+                offset.max(entry.device.len())
+            );
+            // Only the attributes (offset -1): dropping pages here would wait for the
+            // write-back that this request is part of.
+            if let Some(notifier) = self.notifier.get()
+                && let Err(error) = notifier.inval_inode(INodeNo(entry.inode), -1, 0)
+                && error.raw_os_error() != Some(libc::ENOENT)
+            {
+                log::warn!(
+                    "{}: failed to invalidate cached attributes: {error}",
+                    entry.name
+                );
+            }
+        }
+        Errno::ENOSPC
+    }
+
+    /// Invalidates the kernel's directory entries of a marked inode once its last file is
+    /// closed, so the kernel evicts the inode with the grown size and the next lookup
+    /// gets the real size.
+    fn forget_overrun_size(&self, entry: &DeviceEntry) {
+        if !entry.overrun.load(Ordering::Relaxed) || self.devices.is_open(entry.inode) {
+            return;
+        }
+        entry.overrun.store(false, Ordering::Relaxed);
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
+        for name in entry.names() {
+            // ENOENT only means the kernel has no cached entry under that name.
+            if let Err(error) = notifier.inval_entry(INodeNo(ROOT_INODE), OsStr::new(&name))
+                && error.raw_os_error() != Some(libc::ENOENT)
+            {
+                log::warn!("{name}: failed to invalidate the cached entry: {error}");
+            }
+        }
+        log::info!(
+            "{}: closed after a write past the end, size reset",
+            entry.name
+        );
     }
 
     fn directory_attr(&self) -> FileAttr {
@@ -264,7 +330,17 @@ impl Filesystem for DeviceFs {
         reply: ReplyAttr,
     ) {
         // An open file keeps the device it opened, even after a rescan replaced its entry.
-        let attr = match handle.and_then(|handle| self.devices.handle(u64::from(handle))) {
+        let file = handle.and_then(|handle| self.devices.handle(u64::from(handle)));
+        if let Some(file) = &file
+            && file.writable
+            && file.entry.overrun.load(Ordering::Relaxed)
+        {
+            // The kernel sends GETATTR before a cached write once its attributes are stale,
+            // and this error fails that write (see `reject_write_past_end`).
+            reply.error(Errno::ENOSPC);
+            return;
+        }
+        let attr = match file {
             Some(file) => Some(self.device_attr(&file.entry)),
             None => self.attr_of(u64::from(inode)),
         };
@@ -318,7 +394,8 @@ impl Filesystem for DeviceFs {
         }
 
         log::debug!("open {} flags {:#x}", entry.name, flags.0);
-        let handle = self.devices.open(entry);
+        let writable = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let handle = self.devices.open(entry, writable);
         let open_flags = match self.cache {
             // Every change to the data goes through this filesystem, so the kernel may keep
             // its cached pages of the file from one open to the next.
@@ -374,6 +451,10 @@ impl Filesystem for DeviceFs {
             Ok(file) => file,
             Err(errno) => return reply.error(errno),
         };
+        let end = offset.saturating_add(data.len() as u64);
+        if self.cache == CacheMode::Writeback && end > file.entry.device.len() {
+            return reply.error(self.reject_write_past_end(&file, offset, data));
+        }
 
         match file.entry.device.write_at(offset, data) {
             Ok(count) => {
@@ -420,6 +501,7 @@ impl Filesystem for DeviceFs {
     ) {
         if let Some(file) = self.devices.release(u64::from(handle)) {
             self.invalidate_other_views(&file);
+            self.forget_overrun_size(&file.entry);
         }
         reply.ok();
 

@@ -505,6 +505,21 @@ fn writeback_stops_a_writer_at_the_end() {
     let image = sandbox.image_with("disk.img", &vec![0xff; 16 * MIB as usize]);
     let device = sandbox.attach(["--cache".as_ref(), "writeback".as_ref(), image.as_os_str()]);
 
+    // An O_DIRECT write bypasses the cache and fails on its own, so it leaves other writers
+    // of the device alone, even while its file stays open.
+    let direct = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&device)
+        .unwrap();
+    let error = direct.write_at(&[7u8; 4096], 16 * MIB).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{error}");
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+    file.write_all_at(&[0u8; 4096], 0).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    drop(direct);
+
     // Without the guard dd never ends; `timeout` then exits with 124.
     let target = format!("of={}", device.display());
     let output = common::run("timeout", ["60", "dd", "if=/dev/zero", &target, "bs=1M"]);

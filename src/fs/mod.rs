@@ -442,7 +442,7 @@ impl Filesystem for DeviceFs {
         handle: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -451,8 +451,11 @@ impl Filesystem for DeviceFs {
             Ok(file) => file,
             Err(errno) => return reply.error(errno),
         };
+        // A write-back of cached pages, as opposed to a write() or O_DIRECT write that the
+        // caller still waits for and that fails on its own.
+        let cached = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
         let end = offset.saturating_add(data.len() as u64);
-        if self.cache == CacheMode::Writeback && end > file.entry.device.len() {
+        if cached && end > file.entry.device.len() {
             return reply.error(self.reject_write_past_end(&file, offset, data));
         }
 

@@ -327,6 +327,25 @@ impl Image {
         std::os::unix::fs::FileExt::write_all_at(&*self.file, data, offset)
     }
 
+    /// Reads through the file descriptor the pages that the mapping cannot map.
+    ///
+    /// Mapping a hole of a tmpfs image allocates a page, which fails once the tmpfs is full,
+    /// while `pread` returns zeros for it. A short read means that the file was truncated.
+    fn read_through_file(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match std::os::unix::fs::FileExt::read_exact_at(&*self.file, buf, offset) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                log::error!(
+                    "{}: image ends before {:#x}: was it truncated? Detach it and check the file",
+                    self.path.display(),
+                    offset + buf.len() as u64
+                );
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            }
+            Err(error) => Err(error),
+        }
+    }
+
     fn fallocate(&self, flags: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
         fallocate(self.file.as_fd(), flags, offset as i64, len as i64)?;
         Ok(())
@@ -349,9 +368,14 @@ impl BlockDevice for Image {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let count = clamp_to_device(offset, buf.len(), self.len());
-        self.map.copy_out(offset, &mut buf[..count])?;
-
-        Ok(count)
+        match self.map.copy_out(offset, &mut buf[..count]) {
+            Ok(()) => Ok(count),
+            Err(error) if error.raw_os_error() == Some(libc::EFAULT) => {
+                self.read_through_file(offset, &mut buf[..count])?;
+                Ok(count)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<usize> {

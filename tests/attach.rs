@@ -404,15 +404,38 @@ fn full_backing_filesystem_answers_enospc() {
     };
     let (small, _tmpfs) = small_tmpfs(&sandbox);
     let image = small.join("disk.img");
-    fs::File::create(&image).unwrap().set_len(64 * MIB).unwrap();
-    let device = sandbox.attach([&image]);
 
-    let (chunk, written) = write_until_full(&device);
+    for mode in ["writethrough", "writeback"] {
+        fs::File::create(&image).unwrap().set_len(64 * MIB).unwrap();
+        let device = sandbox.attach(["--cache".as_ref(), mode.as_ref(), image.as_os_str()]);
 
-    // The daemon lives on and every write that succeeded reads back intact.
-    assert_eq!(sandbox.list()[0]["state"], "attached");
-    assert_chunks_intact(&device, &chunk, &written);
-    sandbox.detach(&device);
+        let (chunk, written) = write_until_full(&device);
+
+        // The daemon lives on and every write that succeeded reads back intact.
+        assert_eq!(sandbox.list()[0]["state"], "attached", "{mode}");
+        assert_chunks_intact(&device, &chunk, &written);
+
+        // The chunk that failed reads as what the image holds, not as the data that never
+        // reached it; with write-back the daemon drops those cached pages in the background.
+        // A hole reads as zeros, although mapping it would need a tmpfs page.
+        let failed = (written.last().unwrap() + 1) * MIB;
+        let reader = fs::File::open(&device).unwrap();
+        let stored = fs::File::open(&image).unwrap();
+        let mut through_device = vec![0u8; MIB as usize];
+        let mut in_image = vec![0u8; MIB as usize];
+        let coherent = wait_until(Duration::from_secs(5), || {
+            reader.read_exact_at(&mut through_device, failed).unwrap();
+            stored.read_exact_at(&mut in_image, failed).unwrap();
+            through_device == in_image
+        });
+        assert!(coherent, "{mode}: the failed chunk differs from the image");
+        reader.read_exact_at(&mut through_device, 63 * MIB).unwrap();
+        assert!(through_device.iter().all(|&byte| byte == 0), "{mode}: hole");
+        drop(reader);
+
+        sandbox.detach(&device);
+        fs::remove_file(&image).unwrap();
+    }
     sandbox.assert_clean();
 }
 
@@ -520,6 +543,10 @@ fn writeback_stops_a_writer_at_the_end() {
     drop(file);
     drop(direct);
 
+    // A reader stays open across the overrun: it keeps the inode whose size grew, and must
+    // not keep that size or the errors for files opened later.
+    let reader = fs::File::open(&device).unwrap();
+
     // Without the guard dd never ends; `timeout` then exits with 124.
     let target = format!("of={}", device.display());
     let output = common::run("timeout", ["60", "dd", "if=/dev/zero", &target, "bs=1M"]);
@@ -529,9 +556,17 @@ fn writeback_stops_a_writer_at_the_end() {
 
     assert_eq!(fs::metadata(&device).unwrap().len(), 16 * MIB);
     let file = OpenOptions::new().write(true).open(&device).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), 16 * MIB);
     file.write_all_at(b"inside", MIB).unwrap();
     file.sync_all().unwrap();
     drop(file);
+    let mut whole = Vec::new();
+    fs::File::open(&device)
+        .unwrap()
+        .read_to_end(&mut whole)
+        .unwrap();
+    assert_eq!(whole.len() as u64, 16 * MIB);
+    drop(reader);
     sandbox.detach(&device);
 
     let mut expected = vec![0u8; 16 * MIB as usize];

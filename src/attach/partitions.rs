@@ -58,7 +58,7 @@ impl PartitionScanner {
         let Some(notifier) = self.notifier.get() else {
             return;
         };
-        for entry in self.devices.entries() {
+        for entry in self.devices.views() {
             // Offset 0 and length 0 drop every cached page of the file.
             let result = notifier.inval_inode(INodeNo(entry.inode), 0, 0);
             if let Err(error) = result

@@ -11,10 +11,10 @@ pub enum CacheMode {
     Writethrough,
     /// Writes are also cached and reach the image in large batches, on `fsync`, `close`
     /// or when the kernel writes back dirty pages. Small random writes are several times
-    /// faster, but a write past the end or into a full backing filesystem is reported late:
-    /// the daemon sees it only when the kernel writes the page back. A write past the end
-    /// then fails `fsync`, `close` and every later write of the files open for writing,
-    /// until they are closed; until then the kernel reports a size grown by that write.
+    /// faster, but a write past the end or into a full backing filesystem is reported late,
+    /// because the daemon receives it only when the kernel writes the page back. `fsync` or
+    /// `close` then fails, and after a write past the end so does the next write of every
+    /// file open for writing. Files opened later show the device's size again.
     Writeback,
     /// Nothing is cached: every read and write is a request to the daemon (`direct_io`).
     /// Uses no page cache for the device files, at the cost of speed.

@@ -241,13 +241,38 @@ impl DeviceTable {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Returns whether any file of `inode` is open.
-    pub fn is_open(&self, inode: u64) -> bool {
-        self.handles
+    /// Returns the current device files and the files of replaced entries that are still
+    /// open, one entry per inode: every inode whose cached pages may show the disk.
+    pub fn views(&self) -> Vec<DeviceEntry> {
+        let mut views = self.entries();
+        let handles = self
+            .handles
             .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .values()
-            .any(|file| file.entry.inode == inode)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for file in handles.values() {
+            if !views.iter().any(|view| view.inode == file.entry.inode) {
+                views.push(file.entry.clone());
+            }
+        }
+        views
+    }
+
+    /// Gives the current device file of `inode` a fresh inode number and returns its new
+    /// entry. Files already open keep the old entry, so the kernel drops the old inode once
+    /// they are closed, and the next lookup creates a new one from the daemon's attributes.
+    pub fn renumber(&self, inode: u64) -> Option<DeviceEntry> {
+        let mut entries = self
+            .entries
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let entry = entries.iter_mut().find(|entry| entry.inode == inode)?;
+        *entry = DeviceEntry::new(
+            entry.name.clone(),
+            self.next_inode.fetch_add(1, Ordering::Relaxed),
+            entry.device.clone(),
+            entry.disk_offset,
+        );
+        Some(entry.clone())
     }
 
     /// Number of files currently open.

@@ -8,6 +8,7 @@
 mod cache;
 mod devices;
 mod fallocate;
+mod overrun;
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
@@ -26,8 +27,7 @@ use fuser::{
 pub use cache::CacheMode;
 pub use devices::{DISK_INODE, DISK_NAME, DeviceEntry, DeviceTable, OpenFile, ROOT_INODE};
 use fallocate::fallocate_device;
-
-use crate::block::clamp_to_device;
+use overrun::invalidate_names;
 
 /// How long the kernel may cache attributes and names. The size and times of a device file
 /// never change while attached, so only `st_blocks` can be up to this much out of date.
@@ -126,7 +126,7 @@ impl DeviceFs {
         let written_start = file.entry.disk_offset + start;
         let written_end = file.entry.disk_offset + end;
 
-        for other in self.devices.entries() {
+        for other in self.devices.views() {
             if other.inode == file.entry.inode {
                 continue;
             }
@@ -144,69 +144,6 @@ impl DeviceFs {
                 log::warn!("{}: cannot invalidate cached pages: {error}", other.name);
             }
         }
-    }
-
-    /// Writes the part of a write-back request that lies inside the device and returns
-    /// `ENOSPC` for the request, which `fsync` and `close` then report.
-    ///
-    /// With write-back caching the kernel accepts a write past the end into its page cache
-    /// and grows its cached file size, because only the daemon has the real size. So the
-    /// inode is marked and its cached attributes are invalidated. The kernel then sends
-    /// GETATTR before the next cached write, and `getattr` fails it with `ENOSPC`. A `dd`
-    /// without a count thus stops at the end instead of filling the cache forever.
-    fn reject_write_past_end(&self, file: &OpenFile, offset: u64, data: &[u8]) -> Errno {
-        let entry = &file.entry;
-        let inside = clamp_to_device(offset, data.len(), entry.device.len());
-        if inside > 0 {
-            match entry.device.write_at(offset, &data[..inside]) {
-                Ok(count) => file.record_write(offset, count as u64),
-                Err(error) => return failed("write", entry, offset, &error),
-            }
-        }
-        if !entry.overrun.swap(true, Ordering::Relaxed) {
-            log::warn!(
-                "{}: a write went past the end of the device (at {:#x}); writes through its open files fail with ENOSPC until they are closed",
-                entry.name,
-                offset.max(entry.device.len())
-            );
-            // Only the attributes (offset -1): dropping pages here would wait for the
-            // write-back that this request is part of.
-            if let Some(notifier) = self.notifier.get()
-                && let Err(error) = notifier.inval_inode(INodeNo(entry.inode), -1, 0)
-                && error.raw_os_error() != Some(libc::ENOENT)
-            {
-                log::warn!(
-                    "{}: failed to invalidate cached attributes: {error}",
-                    entry.name
-                );
-            }
-        }
-        Errno::ENOSPC
-    }
-
-    /// Invalidates the kernel's directory entries of a marked inode once its last file is
-    /// closed, so the kernel evicts the inode with the grown size and the next lookup
-    /// gets the real size.
-    fn forget_overrun_size(&self, entry: &DeviceEntry) {
-        if !entry.overrun.load(Ordering::Relaxed) || self.devices.is_open(entry.inode) {
-            return;
-        }
-        entry.overrun.store(false, Ordering::Relaxed);
-        let Some(notifier) = self.notifier.get() else {
-            return;
-        };
-        for name in entry.names() {
-            // ENOENT only means the kernel has no cached entry under that name.
-            if let Err(error) = notifier.inval_entry(INodeNo(ROOT_INODE), OsStr::new(&name))
-                && error.raw_os_error() != Some(libc::ENOENT)
-            {
-                log::warn!("{name}: failed to invalidate the cached entry: {error}");
-            }
-        }
-        log::info!(
-            "{}: closed after a write past the end, size reset",
-            entry.name
-        );
     }
 
     fn directory_attr(&self) -> FileAttr {
@@ -381,10 +318,12 @@ impl Filesystem for DeviceFs {
 
     fn open(&self, _request: &Request, inode: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let Some(entry) = self.devices.find_by_inode(u64::from(inode)) else {
+            // An inode that a rescan or a write past the end replaced: ESTALE makes the kernel
+            // look the name up again and open the current file, or fail with ENOENT.
             reply.error(if u64::from(inode) == ROOT_INODE {
                 Errno::EISDIR
             } else {
-                Errno::ENOENT
+                Errno::ESTALE
             });
             return;
         };
@@ -464,7 +403,12 @@ impl Filesystem for DeviceFs {
                 file.record_write(offset, count as u64);
                 reply.written(count as u32)
             }
-            Err(error) => reply.error(failed("write", &file.entry, offset, &error)),
+            Err(error) => {
+                if cached {
+                    self.forget_failed_write_back(&file.entry, offset, data.len() as u64);
+                }
+                reply.error(failed("write", &file.entry, offset, &error))
+            }
         }
     }
 
@@ -483,8 +427,12 @@ impl Filesystem for DeviceFs {
         };
 
         self.invalidate_other_views(&file);
+        if file.entry.overrun.load(Ordering::Relaxed) {
+            // Before close returns, so that a stat right after it shows the real size.
+            invalidate_names(self.notifier.get(), &file.entry);
+        }
         if file.take_changed()
-            && file.entry.inode == DISK_INODE
+            && file.entry.name == DISK_NAME
             && let Some(on_disk_changed) = &self.on_disk_changed
         {
             on_disk_changed();
@@ -504,7 +452,6 @@ impl Filesystem for DeviceFs {
     ) {
         if let Some(file) = self.devices.release(u64::from(handle)) {
             self.invalidate_other_views(&file);
-            self.forget_overrun_size(&file.entry);
         }
         reply.ok();
 

@@ -126,6 +126,35 @@ fn offset_window_writes_land_in_window() {
     sandbox.assert_clean();
 }
 
+/// A size limit that reaches past the end of the image is cut at the end, as the kernel
+/// loop driver does, and the kernel's device size is the oracle when running as root.
+#[test]
+fn size_limit_past_end_is_cut() {
+    let Some(sandbox) = Sandbox::new("size_limit_past_end_is_cut", &[]) else {
+        return;
+    };
+    let image = sandbox.image_with("disk.img", &pattern(MIB as usize, 4));
+    let window = ["--offset", "512K", "--sizelimit", "600K"];
+
+    let mut arguments: Vec<&std::ffi::OsStr> = window.iter().map(|arg| arg.as_ref()).collect();
+    arguments.push(image.as_os_str());
+    let device = sandbox.attach(arguments);
+    let size = fs::metadata(&device).unwrap().len();
+    sandbox.detach(&device);
+    assert_eq!(size, 512 * 1024);
+
+    if is_root() && common::have_tool("losetup") && common::have_tool("blockdev") {
+        let mut losetup = vec!["-f", "--show"];
+        losetup.extend(window);
+        let path = image.to_str().unwrap();
+        losetup.push(path);
+        let kernel = common::LoopDevice(run_ok("losetup", losetup).trim().to_string());
+        let kernel_size = run_ok("blockdev", ["--getsize64", kernel.0.as_str()]);
+        assert_eq!(kernel_size.trim().parse::<u64>().unwrap(), size);
+    }
+    sandbox.assert_clean();
+}
+
 #[test]
 fn device_keeps_block_device_contract() {
     let Some(sandbox) = Sandbox::new("device_keeps_block_device_contract", &[]) else {

@@ -82,14 +82,6 @@ pub enum AttachError {
         len: u64,
     },
 
-    #[error("{}: offset {offset} plus size limit {sizelimit} ends past the end of the image ({len} bytes); give a smaller --sizelimit", path.display())]
-    SizeLimitPastEnd {
-        path: PathBuf,
-        offset: u64,
-        sizelimit: u64,
-        len: u64,
-    },
-
     #[error("{}: device of {size} bytes is smaller than one {sector_size}-byte sector", path.display())]
     SmallerThanSector {
         path: PathBuf,

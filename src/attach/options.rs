@@ -90,17 +90,11 @@ pub fn device_range(
         });
     }
 
+    // A size limit past the end of the image is cut to the image, as the kernel loop
+    // driver does, so `--sizelimit` is a maximum.
     let available = image_len - options.offset;
     let size = match options.sizelimit {
-        Some(limit) if limit > available => {
-            return Err(AttachError::SizeLimitPastEnd {
-                path,
-                offset: options.offset,
-                sizelimit: limit,
-                len: image_len,
-            });
-        }
-        Some(limit) if limit > 0 => limit,
+        Some(limit) if limit > 0 => limit.min(available),
         _ => available,
     };
 
@@ -246,14 +240,22 @@ mod tests {
     }
 
     #[test]
+    fn device_range_cuts_size_limit_at_image_end() {
+        assert_eq!(
+            device_range(&options(512, Some(4096)), 4096).unwrap(),
+            (512, 3584, false)
+        );
+        assert_eq!(
+            device_range(&options(0, Some(1 << 30)), 64 << 20).unwrap(),
+            (0, 64 << 20, false)
+        );
+    }
+
+    #[test]
     fn device_range_rejects_bad_windows() {
         assert!(matches!(
             device_range(&options(4096, None), 4096),
             Err(AttachError::OffsetPastEnd { .. })
-        ));
-        assert!(matches!(
-            device_range(&options(512, Some(4096)), 4096),
-            Err(AttachError::SizeLimitPastEnd { .. })
         ));
         assert!(matches!(
             device_range(&options(0, None), 100),

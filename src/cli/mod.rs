@@ -98,11 +98,11 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct DeviceArgs {
     /// Start the device this many bytes into the image (suffixes: K, M, G, KiB, MB, ...).
-    #[arg(short = 'o', long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    #[arg(short = 'o', long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "0")]
     pub offset: u64,
 
     /// Limit the device to this many bytes (suffixes as for --offset).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub sizelimit: Option<u64>,
 
     /// Attach read-only: writes fail with EROFS and the image is mapped read-only.

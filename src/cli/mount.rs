@@ -24,11 +24,11 @@ pub struct MountArgs {
     pub fstype: Option<FsType>,
 
     /// Start the device this many bytes into the image (as -o offset=SIZE).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub offset: Option<u64>,
 
     /// Limit the device to this many bytes (as -o sizelimit=SIZE).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true)]
     pub sizelimit: Option<u64>,
 
     /// Mount read-only (as -o ro); the image is attached read-only.

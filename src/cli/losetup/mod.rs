@@ -54,11 +54,11 @@ pub struct LosetupArgs {
     pub nooverlap: bool,
 
     /// Start at offset NUM into the file.
-    #[arg(short = 'o', long, value_name = "NUM", value_parser = parse_size)]
+    #[arg(short = 'o', long, value_name = "NUM", value_parser = parse_size, allow_hyphen_values = true)]
     pub offset: Option<u64>,
 
     /// Limit the device to NUM bytes of the file.
-    #[arg(long, value_name = "NUM", value_parser = parse_size)]
+    #[arg(long, value_name = "NUM", value_parser = parse_size, allow_hyphen_values = true)]
     pub sizelimit: Option<u64>,
 
     /// Set the logical sector size to NUM.

@@ -66,6 +66,11 @@ pub(super) fn run_all() -> Report {
             container.as_ref(),
         )
     };
+    if direct.verdict == Verdict::Ok
+        && let Some(container) = &container
+    {
+        checks[0] = Check::new(Verdict::Info, "container", container.summary_when_working());
+    }
     checks.push(direct);
 
     let probe = run_probe(&scratch.join(format!(".doctor-{pid}-namespace")));

@@ -121,6 +121,15 @@ impl Container {
         summary
     }
 
+    /// Returns the line `doctor` prints about the container after a trial mount worked:
+    /// the engine, without the list of what FUSE needs in it.
+    pub fn summary_when_working(&self) -> String {
+        format!(
+            "{} ({}); FUSE mounts work in it",
+            self.engine, self.evidence
+        )
+    }
+
     fn apparmor_note(&self) -> Option<String> {
         let profile = self.apparmor_profile.as_ref()?;
         let option = match self.engine {
@@ -153,6 +162,13 @@ mod tests {
         assert!(summary.contains("--device /dev/fuse"), "{summary}");
         assert!(summary.contains("--cap-add SYS_ADMIN"), "{summary}");
         assert!(!summary.contains("AppArmor"), "{summary}");
+    }
+
+    #[test]
+    fn working_container_summary_omits_requirements() {
+        let summary = docker(Some("docker-default (enforce)")).summary_when_working();
+
+        assert_eq!(summary, "Docker (/.dockerenv); FUSE mounts work in it");
     }
 
     #[test]

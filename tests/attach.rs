@@ -572,9 +572,10 @@ fn writeback_stops_a_writer_at_the_end() {
     drop(file);
     drop(direct);
 
-    // A reader stays open across the overrun: it keeps the inode whose size grew, and must
-    // not keep that size or the errors for files opened later.
+    // A reader and a second writer stay open across the overrun. They keep the inode whose
+    // size grew, which must not pass that size or the errors on to files opened later.
     let reader = fs::File::open(&device).unwrap();
+    let second = OpenOptions::new().write(true).open(&device).unwrap();
 
     // Without the guard dd never ends; `timeout` then exits with 124.
     let target = format!("of={}", device.display());
@@ -595,11 +596,23 @@ fn writeback_stops_a_writer_at_the_end() {
         .read_to_end(&mut whole)
         .unwrap();
     assert_eq!(whole.len() as u64, 16 * MIB);
+
+    // The writer that was open gets ENOSPC once, then writes inside the device again.
+    let error = second.write_at(b"second", 2 * MIB).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{error}");
+    second.write_all_at(b"second", 2 * MIB).unwrap();
+    // Its first fsync reports the failed write-back past the end, because fsync reports
+    // every write-back error since the file was opened. The next fsync succeeds.
+    let error = second.sync_all().unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{error}");
+    second.sync_all().unwrap();
+    drop(second);
     drop(reader);
     sandbox.detach(&device);
 
     let mut expected = vec![0u8; 16 * MIB as usize];
     expected[MIB as usize..MIB as usize + 6].copy_from_slice(b"inside");
+    expected[2 * MIB as usize..2 * MIB as usize + 6].copy_from_slice(b"second");
     assert!(fs::read(&image).unwrap() == expected, "image bytes differ");
     sandbox.assert_clean();
 }

@@ -63,6 +63,9 @@ pub struct OpenFile {
     pub entry: DeviceEntry,
     /// Opened for writing (`O_WRONLY` or `O_RDWR`).
     pub writable: bool,
+    /// Set when a cached write went past the end while this file was open for writing, and
+    /// cleared once the file's next write has failed with `ENOSPC` (see `fs::overrun`).
+    pub overrun_pending: AtomicBool,
     written_start: AtomicU64,
     written_end: AtomicU64,
     /// Set by every write and cleared by [`OpenFile::take_changed`], which runs on close.
@@ -74,6 +77,7 @@ impl OpenFile {
         Self {
             entry,
             writable,
+            overrun_pending: AtomicBool::new(false),
             written_start: AtomicU64::new(u64::MAX),
             written_end: AtomicU64::new(0),
             changed_since_close: AtomicBool::new(false),
@@ -239,6 +243,17 @@ impl DeviceTable {
         self.handles
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Returns the files of `inode` that are open for writing.
+    pub fn writers_of(&self, inode: u64) -> Vec<Arc<OpenFile>> {
+        self.handles
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .filter(|file| file.writable && file.entry.inode == inode)
+            .cloned()
+            .collect()
     }
 
     /// Returns the current device files and the files of replaced entries that are still

@@ -269,8 +269,7 @@ impl Filesystem for DeviceFs {
         // An open file keeps the device it opened, even after a rescan replaced its entry.
         let file = handle.and_then(|handle| self.devices.handle(u64::from(handle)));
         if let Some(file) = &file
-            && file.writable
-            && file.entry.overrun.load(Ordering::Relaxed)
+            && file.overrun_pending.swap(false, Ordering::Relaxed)
         {
             // The kernel sends GETATTR before a cached write once its attributes are stale,
             // and this error fails that write (see `reject_write_past_end`).

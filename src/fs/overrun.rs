@@ -15,10 +15,11 @@ impl DeviceFs {
     /// `ENOSPC` for the request, which `fsync` and `close` then report.
     ///
     /// The kernel accepted the write past the end into its page cache and grew its cached
-    /// file size, because only the daemon has the real size. So the inode is marked and
-    /// its cached attributes are invalidated. The kernel then sends GETATTR before the
-    /// writer's next cached write, and `getattr` fails it with `ENOSPC`. A `dd` without a
-    /// count thus stops at the end instead of filling the cache forever.
+    /// file size, because only the daemon has the real size. So every file open for writing
+    /// on the inode is marked and the inode's cached attributes are invalidated. The kernel
+    /// then sends GETATTR before each marked file's next cached write, and `getattr` fails
+    /// it once with `ENOSPC`. A `dd` without a count thus stops at the end instead of
+    /// filling the cache forever.
     pub(super) fn reject_write_past_end(&self, file: &OpenFile, offset: u64, data: &[u8]) -> Errno {
         let entry = &file.entry;
         let inside = clamp_to_device(offset, data.len(), entry.device.len());
@@ -29,9 +30,13 @@ impl DeviceFs {
             }
         }
 
+        for writer in self.devices.writers_of(entry.inode) {
+            writer.overrun_pending.store(true, Ordering::Relaxed);
+        }
+        self.invalidate_attributes(entry);
         if !entry.overrun.swap(true, Ordering::Relaxed) {
             log::warn!(
-                "{}: a write went past the end of the device (at {:#x}); the files open for writing then fail with ENOSPC",
+                "{}: a write went past the end of the device (at {:#x}); the files open for writing get ENOSPC on their next write",
                 entry.name,
                 offset.max(entry.device.len())
             );
@@ -40,9 +45,8 @@ impl DeviceFs {
         Errno::ENOSPC
     }
 
-    /// Gives the device file a new inode, so that files opened from now on see the real
-    /// size, while the files open now keep the inode whose size grew.
-    fn replace_grown_inode(&self, entry: &DeviceEntry) {
+    /// Makes the kernel send GETATTR before the next cached write to `entry`.
+    fn invalidate_attributes(&self, entry: &DeviceEntry) {
         let Some(notifier) = self.notifier.get() else {
             return;
         };
@@ -56,6 +60,14 @@ impl DeviceFs {
                 entry.name
             );
         }
+    }
+
+    /// Gives the device file a new inode, so that files opened from now on see the real
+    /// size, while the files open now keep the inode whose size grew.
+    fn replace_grown_inode(&self, entry: &DeviceEntry) {
+        let Some(notifier) = self.notifier.get() else {
+            return;
+        };
         self.devices.renumber(entry.inode);
 
         let grown = entry.clone();

@@ -288,6 +288,56 @@ fn overlay_under_offset_window_writes_window() {
     sandbox.assert_clean();
 }
 
+/// Blocks written before the overlay's filesystem filled up survive detach and attach,
+/// although the block map is first written when no space is left.
+#[test]
+fn overlay_full_before_first_flush_keeps_blocks() {
+    let test = "overlay_full_before_first_flush_keeps_blocks";
+    if !is_root() {
+        eprintln!("SKIP {test}: mounting a small tmpfs needs root");
+        return;
+    }
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let (small, _tmpfs) = small_tmpfs(&sandbox);
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    let overlay = small.join("changes.overlay");
+    let device = sandbox.attach(overlay_args(&overlay, &image));
+
+    // Small writes fill the filesystem to its last page, and no fsync comes in between,
+    // so the block map is first written at detach.
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+    let data = pattern(16 * MIB as usize, 9);
+    let mut written = 0;
+    for piece in data.chunks(4096) {
+        match file.write_all_at(piece, written) {
+            Ok(()) => written += piece.len() as u64,
+            Err(error) => {
+                assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{error}");
+                break;
+            }
+        }
+    }
+    assert!(written > 0, "nothing was written");
+    assert!(written < 16 * MIB, "the filesystem never filled up");
+    drop(file);
+    sandbox.detach(&device);
+
+    let device = sandbox.attach(overlay_args(&overlay, &image));
+    let mut read_back = vec![0u8; written as usize];
+    fs::File::open(&device)
+        .unwrap()
+        .read_exact_at(&mut read_back, 0)
+        .unwrap();
+    assert!(
+        read_back[..] == data[..written as usize],
+        "blocks written before the filesystem filled up were lost"
+    );
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
 #[test]
 fn overlay_on_full_filesystem_answers_enospc() {
     let test = "overlay_on_full_filesystem_answers_enospc";

@@ -76,6 +76,7 @@ impl Overlay {
         write_exact(store.as_ref(), 0, &header.encode())
             .and_then(|()| store.flush())
             .map_err(|source| OverlayError::io(path, "writing the header", source))?;
+        reserve_map(store.as_ref(), &layout, path)?;
 
         Ok(Self::with_map(
             base,
@@ -107,6 +108,9 @@ impl Overlay {
         let file_differs = header.base.check(identity, path, base_path)?;
         let layout = header.layout();
         check_store_len(store.as_ref(), &layout, path)?;
+        if !store.read_only() {
+            reserve_map(store.as_ref(), &layout, path)?;
+        }
         let map = BlockMap::load(store.as_ref(), &layout, path)?;
 
         Ok((Self::with_map(base, store, path, layout, map), file_differs))
@@ -458,6 +462,23 @@ fn check_store_len(
         });
     }
     Ok(())
+}
+
+/// Allocates the block map's space in the overlay file, so that a full filesystem cannot
+/// keep `flush` from storing the entries of data blocks it already holds. The map takes one
+/// byte per block: 1.6 MB for a 100 GiB base with 64 KiB blocks.
+fn reserve_map(store: &dyn BlockDevice, layout: &Layout, path: &Path) -> Result<(), OverlayError> {
+    let map_len = layout.data_offset - layout.map_offset;
+    match store.allocate(layout.map_offset, map_len) {
+        Ok(()) => Ok(()),
+        // Without fallocate, the map's space is allocated when `flush` writes it.
+        Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+        Err(source) => Err(OverlayError::io(
+            path,
+            "reserving space for the block map",
+            source,
+        )),
+    }
 }
 
 /// Returns whether `start..end` of `device` contains any data.

@@ -137,10 +137,13 @@ pub fn serve(
         disk.flush()
     };
     match &flushed {
-        Ok(()) => log::info!("{name}: flushed and detached {}", image.display()),
+        Ok(()) => {
+            log::info!("{name}: flushed and detached {}", image.display());
+            registry.remove(name);
+        }
+        // The entry and its log stay, so that `detach` or `list` can report the failure.
         Err(error) => log::error!("{name}: flushing {} failed: {error}", image.display()),
     }
-    registry.remove(name);
 
     flushed.map_err(|source| AttachError::Flush { image, source })
 }

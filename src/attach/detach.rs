@@ -49,6 +49,11 @@ pub enum DetachError {
     )]
     MountedFrom { name: String, directories: String },
 
+    #[error(
+        "{name}: the daemon failed while detaching, and writes may be lost; the end of its log:\n  {log_tail}"
+    )]
+    DaemonFailed { name: String, log_tail: String },
+
     #[error("{failed} of {total} attachments could not be detached")]
     Several { failed: usize, total: usize },
 }
@@ -130,8 +135,16 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
         unmount(name, &entry.mountpoint)?;
     }
     wait_for_exit(registry, entry)?;
-    // The daemon removes its own entry; this covers a daemon that died while flushing.
-    registry.remove(name);
+    // A daemon that flushed the image removes its own entry before it exits, so an entry
+    // left behind means the flush failed or the daemon was killed.
+    if registry.find(name).is_ok() {
+        let log_tail = log_tail(registry, name).unwrap_or_else(|| "(empty)".to_string());
+        registry.remove(name);
+        return Err(DetachError::DaemonFailed {
+            name: name.clone(),
+            log_tail,
+        });
+    }
     log::info!("{name}: detached {}", entry.state.image.display());
 
     Ok(())
@@ -156,15 +169,19 @@ fn unmount_abandoned_filesystems(entry: &Entry) {
 /// Shows the end of a dead daemon's log before the log is removed with its entry, so the
 /// reason it died is not lost.
 fn report_last_words(registry: &Registry, name: &str) {
-    let Ok(log) = std::fs::read_to_string(registry.log_path(name)) else {
-        return;
-    };
+    if let Some(tail) = log_tail(registry, name) {
+        log::warn!("{name}: the daemon had stopped; the end of its log:\n  {tail}");
+    }
+}
+
+/// Returns the last three non-empty lines of an attachment's log, indented for a message.
+fn log_tail(registry: &Registry, name: &str) -> Option<String> {
+    let log = std::fs::read_to_string(registry.log_path(name)).ok()?;
     let lines: Vec<&str> = log.lines().filter(|line| !line.trim().is_empty()).collect();
     if lines.is_empty() {
-        return;
+        return None;
     }
-    let tail = lines[lines.len().saturating_sub(3)..].join("\n  ");
-    log::warn!("{name}: the daemon had stopped; the end of its log:\n  {tail}");
+    Some(lines[lines.len().saturating_sub(3)..].join("\n  "))
 }
 
 /// Unmounts the FUSE mount at `mountpoint` (non-lazily), retrying briefly while it is busy;

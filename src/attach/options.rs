@@ -130,12 +130,15 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
     options.lifecycle.validate()?;
 
     if cut {
+        let requested = match options.sizelimit {
+            Some(limit) if limit > 0 => limit.min(info.len - offset),
+            _ => info.len - offset,
+        };
         log::warn!(
-            "{}: device size {} is not a whole number of {}-byte sectors; the last {} bytes are left out",
+            "{}: the requested size {requested} is not a whole number of {}-byte sectors; the last {} bytes are left out",
             info.path.display(),
-            info.len - offset,
             options.sector_size,
-            (info.len - offset).min(options.sizelimit.unwrap_or(u64::MAX)) - size
+            requested - size
         );
     }
 

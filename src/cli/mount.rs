@@ -114,10 +114,12 @@ impl MountArgs {
                 None if option == "ro" => attach.read_only = true,
                 None if option == "rw" => attach.read_only = false,
                 Some(("offset", value)) => {
-                    attach.offset = parse_size(value).map_err(|error| format!("-o {error}"))?
+                    attach.offset =
+                        parse_size(value).map_err(|error| format!("-o offset={value}: {error}"))?
                 }
                 Some(("sizelimit", value)) => {
-                    let limit = parse_size(value).map_err(|error| format!("-o {error}"))?;
+                    let limit = parse_size(value)
+                        .map_err(|error| format!("-o sizelimit={value}: {error}"))?;
                     attach.sizelimit = Some(limit);
                 }
                 _ => driver_options.push(option.to_string()),

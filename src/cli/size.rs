@@ -4,18 +4,22 @@
 /// powers of 1024; the same letters followed by `B` are powers of 1000.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let digits_end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, suffix) = text.split_at(digits_end);
+    // A `0x` prefix takes a hexadecimal number, as util-linux's losetup accepts it.
+    let (digits, radix) = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => (hex, 16),
+        None => (text, 10),
+    };
+    let digits_end = digits
+        .find(|c: char| !c.is_digit(radix))
+        .unwrap_or(digits.len());
+    let (number, suffix) = digits.split_at(digits_end);
     if number.is_empty() {
         return Err(format!(
             "invalid size '{text}': expected a number of bytes, optionally with a suffix such as 4K, 1MiB or 2G"
         ));
     }
 
-    let value: u64 = number
-        .parse()
+    let value = u64::from_str_radix(number, radix)
         .map_err(|_| format!("invalid size '{text}': the number is too large"))?;
     let multiplier = suffix_multiplier(suffix).ok_or_else(|| {
         format!("invalid size '{text}': unknown suffix '{suffix}' (use K, M, G, T, KiB, MiB, GiB, KB, MB, GB)")
@@ -55,6 +59,8 @@ mod tests {
             ("2G", 2 << 30),
             ("1MB", 1_000_000),
             ("3T", 3 << 40),
+            ("0x100000", 1 << 20),
+            ("0X10K", 16 << 10),
         ];
         for (text, expected) in cases {
             assert_eq!(parse_size(text), Ok(expected), "size {text}");
@@ -72,6 +78,8 @@ mod tests {
             "4KiBB",
             "99999999999999999999",
             "16E",
+            "0x",
+            "0xG",
         ] {
             assert!(parse_size(text).is_err(), "size {text}");
         }

@@ -152,6 +152,21 @@ fn size_limit_past_end_is_cut() {
         let kernel_size = run_ok("blockdev", ["--getsize64", kernel.0.as_str()]);
         assert_eq!(kernel_size.trim().parse::<u64>().unwrap(), size);
     }
+
+    // A limit that is not a whole number of sectors is rounded down, and the warning
+    // names the requested size.
+    let output = sandbox
+        .loopfuse(["attach", "-o", "100", "--sizelimit", "1000"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("requested size 1000"), "{stderr}");
+    assert!(stderr.contains("the last 488 bytes"), "{stderr}");
+    let device = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert_eq!(fs::metadata(&device).unwrap().len(), 512);
+    sandbox.detach(&device);
     sandbox.assert_clean();
 }
 

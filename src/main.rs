@@ -45,5 +45,37 @@ fn init_logging(cli: &Cli) {
             writeln!(buffer, "loopfuse: {level}: {}", record.args())
         });
     }
-    builder.init();
+    let logger = builder.build();
+    log::set_max_level(logger.filter());
+    if log::set_logger(Box::leak(Box::new(Logger(logger)))).is_err() {
+        eprintln!("loopfuse: warning: logging was set up twice");
+    }
+}
+
+/// Passes records to env_logger, except fuser's warning that it failed to unmount a
+/// filesystem that `detach` had already unmounted.
+struct Logger(env_logger::Logger);
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !is_repeated_unmount(record) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
+}
+
+/// Recognizes fuser's warning when its session ends after an outside unmount: it unmounts
+/// again and gets EINVAL, because the directory is no longer a mount point.
+fn is_repeated_unmount(record: &log::Record) -> bool {
+    record.target() == "fuser::session"
+        && record.level() == log::Level::Warn
+        && record.args().to_string().contains("(os error 22)")
 }

@@ -141,6 +141,37 @@ fn run_forwards_sigterm_and_sigint() {
     }
 }
 
+/// A daemon killed while the command runs may have lost writes, so run reports it and exits 1,
+/// even though the command succeeded.
+#[test]
+fn run_fails_when_daemon_dies() {
+    let Some(sandbox) = Sandbox::new("run_fails_when_daemon_dies", &["cp", "sleep"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    let script = format!(
+        r#"{SAVE_STATE}
+        touch "$OUT/ready"
+        while [ ! -e "$OUT/go" ]; do sleep 0.05; done"#
+    );
+    let mut child = run_command(&sandbox, &[], &image, &script)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_ready(&sandbox, &mut child);
+
+    let daemon = saved_state(&sandbox).pid;
+    kill(Pid::from_raw(daemon.pid), Signal::SIGKILL).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || !daemon.is_running()));
+    fs::write(sandbox.path("go"), b"").unwrap();
+    let output = child.wait_with_output().unwrap();
+
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stopped while the command ran"), "{stderr}");
+    sandbox.assert_clean();
+}
+
 #[test]
 fn run_killed_by_sigkill_leaves_nothing() {
     let Some(sandbox) = Sandbox::new("run_killed_by_sigkill_leaves_nothing", &["cp", "sleep"])

@@ -74,6 +74,7 @@ pub fn serve(
         mut session,
         disk,
         image,
+        written,
         scanner,
         autoclear,
     } = session;
@@ -142,16 +143,21 @@ pub fn serve(
             registry.remove(name);
         }
         // The entry and its log stay, so that `detach` or `list` can report the failure.
-        Err(error) => log::error!("{name}: flushing {} failed: {error}", image.display()),
+        Err(error) => log::error!("{name}: flushing {} failed: {error}", written.display()),
     }
 
-    flushed.map_err(|source| AttachError::Flush { image, source })
+    flushed.map_err(|source| AttachError::Flush {
+        path: written,
+        source,
+    })
 }
 
 struct Mounted {
     session: fuser::Session<DeviceFs>,
     disk: Arc<dyn BlockDevice>,
     image: std::path::PathBuf,
+    /// The file that receives the writes: the overlay when there is one, else the image.
+    written: std::path::PathBuf,
     /// Present when the attachment exposes partitions.
     scanner: Option<Arc<PartitionScanner>>,
     /// Present when the attachment detaches itself after the last close.
@@ -248,11 +254,13 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
     )?;
 
     let _ = notifier.set(session.notifier());
+    let written = overlay_path.clone();
     record_attached(registry, name, overlay_path)?;
 
     Ok(Mounted {
         session,
         disk,
+        written: written.unwrap_or_else(|| image_path.clone()),
         image: image_path,
         scanner,
         autoclear,

@@ -54,7 +54,12 @@ pub enum DetachError {
     )]
     DaemonFailed { name: String, log_tail: String },
 
-    #[error("{failed} of {total} attachments could not be detached")]
+    #[error(
+        "{name}: the daemon stopped while the command ran, so writes it had not flushed may be lost"
+    )]
+    DiedDuringRun { name: String },
+
+    #[error("{failed} of {total} attachments failed to detach cleanly (see the errors above)")]
     Several { failed: usize, total: usize },
 }
 

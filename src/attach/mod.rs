@@ -103,9 +103,10 @@ pub enum AttachError {
         source: std::io::Error,
     },
 
-    #[error("{}: flushing the image failed; writes since the last fsync may be lost", image.display())]
+    #[error("{}: flushing failed; writes since the last fsync may be lost", path.display())]
     Flush {
-        image: PathBuf,
+        /// The file that receives the writes: the overlay when there is one, else the image.
+        path: PathBuf,
         source: std::io::Error,
     },
 

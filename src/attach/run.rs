@@ -27,7 +27,7 @@ use super::detach::{DetachError, detach};
 use super::environment::{self, EnvironmentError};
 use super::namespace::{self, NamespaceError};
 use super::{AttachError, AttachOptions, Attached, attach};
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Liveness, Registry, RegistryError};
 
 /// Signals forwarded to the command.
 const FORWARDED_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
@@ -263,7 +263,14 @@ fn wait_for_exit(child: &mut Child, running: &Mutex<Option<Pid>>) -> io::Result<
 /// Detaches after the command. A device still held open by a process the command left
 /// behind is detached lazily by stopping its daemon, so that nothing stays mounted.
 fn detach_after_run(registry: &Registry, name: &str) -> Result<(), DetachError> {
+    // A daemon that died under the command is a failure of loopfuse, not of the command.
+    let died = registry
+        .find(name)
+        .is_ok_and(|entry| entry.liveness == Liveness::Stale);
     match detach(registry, name) {
+        Ok(_) if died => Err(DetachError::DiedDuringRun {
+            name: name.to_string(),
+        }),
         Ok(_) => Ok(()),
         // Detached already, by the command itself or by another 'loopfuse detach'.
         Err(DetachError::Registry(RegistryError::NotFound { .. })) => Ok(()),

@@ -22,7 +22,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let value = u64::from_str_radix(number, radix)
         .map_err(|_| format!("invalid size '{text}': the number is too large"))?;
     let multiplier = suffix_multiplier(suffix).ok_or_else(|| {
-        format!("invalid size '{text}': unknown suffix '{suffix}' (use K, M, G, T, KiB, MiB, GiB, KB, MB, GB)")
+        format!("invalid size '{text}': unknown suffix '{suffix}' (use K, M, G, T, P or E, alone or with iB or B)")
     })?;
 
     value

@@ -257,3 +257,29 @@ fn losetup_failures_use_exit_status() {
     );
     sandbox.assert_clean();
 }
+
+/// `losetup -d` of a device that is still open succeeds and detaches it after the last
+/// close, as the kernel does with its autoclear flag, instead of failing as busy.
+#[test]
+fn losetup_detach_of_busy_device_autoclears() {
+    let Some(sandbox) = Sandbox::new("losetup_detach_of_busy_device_autoclears", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    let image_path = image.to_str().unwrap();
+    let device = losetup(&sandbox, &["-f", "--show", image_path]);
+    let device = device.trim();
+
+    let holder = fs::File::open(device).unwrap();
+    losetup(&sandbox, &["-d", device]);
+    let autoclear = losetup(&sandbox, &["-l", "-n", "-O", "AUTOCLEAR", device]);
+    assert_eq!(autoclear.trim(), "1");
+    assert_eq!(sandbox.list().len(), 1, "detached while still open");
+
+    drop(holder);
+    let gone = common::wait_until(std::time::Duration::from_secs(5), || {
+        sandbox.list().is_empty()
+    });
+    assert!(gone, "still attached after the last close");
+    sandbox.assert_clean();
+}

@@ -8,6 +8,7 @@
 //! autoclear never pulls the device from under a program that is using it.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -97,16 +98,24 @@ impl LastClose {
     }
 }
 
-/// Everything the autoclear thread needs: the open-file table and the flag its release
-/// handler sets.
+/// Everything the autoclear thread needs: the open-file table, the flag its release
+/// handler sets, and whether autoclear is on.
+#[derive(Clone)]
 pub(super) struct Autoclear {
     devices: Arc<DeviceTable>,
     last_close: Arc<LastClose>,
+    /// Off until `--autoclear` or [`Autoclear::arm`] turns it on.
+    armed: Arc<AtomicBool>,
 }
 
 impl Autoclear {
     /// Hooks autoclear into `filesystem`, whose release handler then wakes the watcher.
-    pub(super) fn install(filesystem: DeviceFs, devices: Arc<DeviceTable>) -> (DeviceFs, Self) {
+    /// Unless `armed`, the watcher ignores last closes until [`Autoclear::arm`] is called.
+    pub(super) fn install(
+        filesystem: DeviceFs,
+        devices: Arc<DeviceTable>,
+        armed: bool,
+    ) -> (DeviceFs, Self) {
         let last_close = Arc::new(LastClose::default());
         let notified = last_close.clone();
         let filesystem = filesystem.on_last_close(Box::new(move || notified.notify()));
@@ -116,8 +125,18 @@ impl Autoclear {
             Self {
                 devices,
                 last_close,
+                armed: Arc::new(AtomicBool::new(armed)),
             },
         )
+    }
+
+    /// Turns autoclear on, as the kernel does for `losetup -d` of a busy loop device: the
+    /// attachment detaches after the last close, or now when nothing is open.
+    pub(super) fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+        if self.devices.open_count() == 0 {
+            self.last_close.notify();
+        }
     }
 
     /// Starts the thread that unmounts the attachment `name` after the last close.
@@ -125,7 +144,7 @@ impl Autoclear {
         std::thread::spawn(move || {
             loop {
                 self.last_close.wait();
-                if self.try_unmount(&name, &mountpoint) {
+                if self.armed.load(Ordering::SeqCst) && self.try_unmount(&name, &mountpoint) {
                     return;
                 }
             }

@@ -98,16 +98,25 @@ pub fn serve(
         mountpoint.clone(),
         session.unmount_callable(),
     ));
-    if let Some(autoclear) = autoclear {
-        autoclear.spawn(name.to_string(), mountpoint);
-    }
+    autoclear.clone().spawn(name.to_string(), mountpoint);
     if let Some(pid) = options.lifecycle.until_exit {
         watch_owner(pid, stop.clone());
     }
 
     let signal_name = name.to_string();
+    let signal_registry = registry.clone();
     std::thread::spawn(move || {
         while let Ok(signal) = signals.wait() {
+            if signal == Signal::SIGUSR2 {
+                log::info!("{signal_name}: autoclear requested");
+                let recorded =
+                    signal_registry.update_state(&signal_name, |state| state.autoclear = true);
+                if let Err(error) = recorded {
+                    log::warn!("{signal_name}: failed to record autoclear: {error}");
+                }
+                autoclear.arm();
+                continue;
+            }
             if signal == Signal::SIGUSR1 {
                 match &scanner {
                     Some(scanner) => {
@@ -160,8 +169,8 @@ struct Mounted {
     written: std::path::PathBuf,
     /// Present when the attachment exposes partitions.
     scanner: Option<Arc<PartitionScanner>>,
-    /// Present when the attachment detaches itself after the last close.
-    autoclear: Option<Autoclear>,
+    /// Detaches the attachment after the last close once armed.
+    autoclear: Autoclear,
 }
 
 fn stop_signals() -> SigSet {
@@ -171,6 +180,7 @@ fn stop_signals() -> SigSet {
         Signal::SIGINT,
         Signal::SIGHUP,
         Signal::SIGUSR1,
+        Signal::SIGUSR2,
     ] {
         signals.add(signal);
     }
@@ -221,12 +231,10 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
         image_mtime(&image_path),
     )
     .with_cache(options.cache);
-    let mut autoclear = None;
-    if options.lifecycle.autoclear {
-        let (hooked, watcher) = Autoclear::install(filesystem, devices.clone());
-        filesystem = hooked;
-        autoclear = Some(watcher);
-    }
+    // Installed always, because `losetup -d` of a busy device turns autoclear on later.
+    let (hooked, autoclear) =
+        Autoclear::install(filesystem, devices.clone(), options.lifecycle.autoclear);
+    filesystem = hooked;
 
     let scanner = options.partscan.then(|| {
         Arc::new(PartitionScanner::new(

@@ -59,6 +59,13 @@ pub enum DetachError {
     )]
     DiedDuringRun { name: String },
 
+    #[error("{name}: cannot signal the daemon (pid {pid}): {source}")]
+    Signal {
+        name: String,
+        pid: i32,
+        source: nix::errno::Errno,
+    },
+
     #[error("{failed} of {total} attachments failed to detach cleanly (see the errors above)")]
     Several { failed: usize, total: usize },
 }
@@ -152,6 +159,39 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
     }
     log::info!("{name}: detached {}", entry.state.image.display());
 
+    Ok(())
+}
+
+/// How long [`detach_when_closed`] waits for the daemon to record autoclear.
+const AUTOCLEAR_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Turns on autoclear for the attachment named by `query`, so that it detaches after the
+/// last close, as the kernel does when `losetup -d` meets a busy loop device.
+pub fn detach_when_closed(registry: &Registry, query: &str) -> Result<(), DetachError> {
+    let entry = registry.find(query)?;
+    let name = entry.state.name.clone();
+    let pid = entry.state.pid.pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .map_err(|source| DetachError::Signal {
+        name: name.clone(),
+        pid,
+        source,
+    })?;
+
+    // `losetup -l` right after shows the flag, as it does for a kernel loop device.
+    let started = Instant::now();
+    while started.elapsed() < AUTOCLEAR_TIMEOUT {
+        match registry.find(&name) {
+            Ok(current) if !current.state.autoclear => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => break,
+        }
+    }
+    log::info!("{name}: busy, so it detaches after the last close");
     Ok(())
 }
 

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 pub(crate) use daemon::session_config;
 pub use daemon::{Readiness, serve};
-pub use detach::{DetachError, detach, detach_all};
+pub use detach::{DetachError, detach, detach_all, detach_when_closed};
 pub(crate) use detach::{unmount, unmount_lazily};
 pub use environment::EnvironmentError;
 pub use lifecycle::{Lifecycle, LifecycleError};
@@ -162,6 +162,7 @@ fn initial_state(options: &AttachOptions, offset: u64, size: u64) -> AttachmentS
         scans: 0,
         cache: options.cache.to_string(),
         mounts: Vec::new(),
+        autoclear: options.lifecycle.autoclear,
     }
 }
 

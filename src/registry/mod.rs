@@ -108,6 +108,10 @@ pub struct AttachmentState {
     /// Filesystems that `loopfuse mount` serves from this attachment.
     #[serde(default)]
     pub mounts: Vec<MountRecord>,
+    /// Whether the attachment detaches itself after the last close (`--autoclear`, or a
+    /// `losetup -d` of a busy device).
+    #[serde(default)]
+    pub autoclear: bool,
 }
 
 /// A partition as recorded in the state file.

@@ -19,6 +19,7 @@ fn state(image: &str) -> AttachmentState {
         scans: 0,
         cache: String::new(),
         mounts: Vec::new(),
+        autoclear: false,
     }
 }
 

@@ -38,7 +38,7 @@ impl LoopInfo {
             device_number: std::fs::metadata(&device).ok().map(|m| m.dev()),
             offset: state.offset,
             sizelimit: state.sizelimit,
-            autoclear: false,
+            autoclear: state.autoclear,
             partscan: state.partscan,
             read_only: state.read_only,
             direct_io: false,

@@ -325,10 +325,12 @@ fn execute(args: &LosetupArgs) -> super::CommandResult {
         Action::Attach { file } => attach_file(args, &registry, file),
         Action::Detach { devices } => detach_devices(&registry, &devices),
         Action::DetachAll => {
-            attach::detach_all(&registry, |error| {
-                eprintln!("losetup: {}", crate::error_chain(error))
-            })?;
-            Ok(())
+            let names: Vec<String> = registry
+                .list()?
+                .into_iter()
+                .map(|entry| entry.state.name)
+                .collect();
+            detach_devices(&registry, &names)
         }
         Action::FindFree => {
             let name = registry.free_name();
@@ -412,7 +414,12 @@ fn overlapping(
 fn detach_devices(registry: &Registry, devices: &[String]) -> super::CommandResult {
     let mut failed = 0;
     for device in devices {
-        if let Err(error) = attach::detach(registry, device) {
+        let mut result = attach::detach(registry, device).map(|_| ());
+        if let Err(attach::DetachError::Busy { .. }) = result {
+            // The kernel turns a busy detach into autoclear, and losetup succeeds.
+            result = attach::detach_when_closed(registry, device);
+        }
+        if let Err(error) = result {
             eprintln!(
                 "losetup: {device}: detach failed: {}",
                 crate::error_chain(&error)

@@ -92,7 +92,7 @@ fn malformed_sizes_are_usage_errors() {
 
     for (option, value) in [
         ("--offset", "12Q"),
-        ("--sizelimit", "1.5G"),
+        ("--sizelimit", "1.5"),
         ("--offset", "-4"),
         ("--sizelimit", "-1M"),
         ("-b", "777"),

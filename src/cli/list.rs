@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use super::text::escape_control;
 use crate::registry::{Entry, Liveness, MountRecord, Stage};
 
 /// One attachment as `list --json` prints it.
@@ -203,6 +204,10 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
         }
     }
 
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escape_control(cell)).collect())
+        .collect();
     let mut widths = [0usize; COLUMNS.len()];
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {

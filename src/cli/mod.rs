@@ -13,6 +13,7 @@ mod mount;
 mod progress;
 mod run;
 mod size;
+mod text;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::MetadataExt;
 
+use crate::cli::text::escape_control;
 use crate::registry::Entry;
 
 /// One loop device as `losetup` describes it.
@@ -227,7 +228,12 @@ fn render_table(rows: &[LoopInfo], columns: &[Column], headings: bool) -> String
         lines.push(columns.iter().map(|c| c.heading().to_string()).collect());
     }
     for row in rows {
-        lines.push(columns.iter().map(|c| c.cell(row, true)).collect());
+        lines.push(
+            columns
+                .iter()
+                .map(|c| escape_control(&c.cell(row, true)))
+                .collect(),
+        );
     }
 
     // Headings count toward the widths even when they are not printed, as in losetup.

@@ -329,7 +329,8 @@ fn wait_for_exit(registry: &Registry, entry: &Entry) -> Result<(), DetachError> 
     let started = Instant::now();
     let mut pause = Duration::from_millis(1);
 
-    while entry.state.pid.is_running() {
+    // Until every thread is gone, so that the image and its lock are released on return.
+    while entry.state.pid.holds_resources() {
         if started.elapsed() > EXIT_TIMEOUT {
             return Err(DetachError::DaemonStuck {
                 name: entry.state.name.clone(),

@@ -35,6 +35,21 @@ impl ProcessId {
             None => false,
         }
     }
+
+    /// Returns whether the process or any of its threads still exists, and so may still hold
+    /// open files and their locks. The main thread turns zombie while other threads are still
+    /// exiting, and the last thread to exit closes the files they share.
+    pub fn holds_resources(&self) -> bool {
+        if self.is_running() {
+            return true;
+        }
+        if start_time_of(self.pid) != Some(self.start_time) {
+            return false;
+        }
+        fs::read_dir(format!("/proc/{}/task", self.pid))
+            .map(|threads| threads.count() > 1)
+            .unwrap_or(false)
+    }
 }
 
 fn start_time_of(pid: i32) -> Option<u64> {

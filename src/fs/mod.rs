@@ -427,7 +427,8 @@ impl Filesystem for DeviceFs {
 
         self.invalidate_other_views(&file);
         if file.entry.overrun.load(Ordering::Relaxed) {
-            // Before close returns, so that a stat right after it shows the real size.
+            // A lookup that raced with the write past the end may have cached the grown inode
+            // under a name again, so the names are dropped once more before close returns.
             invalidate_names(self.notifier.get(), &file.entry);
         }
         if file.take_changed()

@@ -69,10 +69,13 @@ impl DeviceFs {
             return;
         };
         self.devices.renumber(entry.inode);
+        // Before the reply: a writer whose close fails with ENOSPC gets no FLUSH request, so
+        // only this makes a stat right after that close look the name up again. The kernel
+        // takes the directory's lock for it, which no request handler waits on.
+        invalidate_names(Some(notifier), entry);
 
         let grown = entry.clone();
         in_background(notifier, move |notifier| {
-            invalidate_names(Some(notifier), &grown);
             // Pages past the end hold data that never reached the device.
             invalidate_pages(notifier, &grown, grown.device.len(), 0);
         });

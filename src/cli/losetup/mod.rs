@@ -415,7 +415,9 @@ fn detach_devices(registry: &Registry, devices: &[String]) -> super::CommandResu
     let mut failed = 0;
     for device in devices {
         let mut result = attach::detach(registry, device).map(|_| ());
-        if let Err(attach::DetachError::Busy { .. }) = result {
+        if let Err(attach::DetachError::Busy { .. } | attach::DetachError::MountedFrom { .. }) =
+            result
+        {
             // The kernel turns a busy detach into autoclear, and losetup succeeds.
             result = attach::detach_when_closed(registry, device);
         }

@@ -154,7 +154,7 @@ fn size_limit_past_end_is_cut() {
     }
 
     // A limit that is not a whole number of sectors is rounded down, and the warning
-    // names the requested size.
+    // names the limit.
     let output = sandbox
         .loopfuse(["attach", "-o", "100", "--sizelimit", "1000"])
         .arg(&image)
@@ -162,7 +162,7 @@ fn size_limit_past_end_is_cut() {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("requested size 1000"), "{stderr}");
+    assert!(stderr.contains("size limit 1000 is not"), "{stderr}");
     assert!(stderr.contains("the last 488 bytes"), "{stderr}");
     let device = String::from_utf8_lossy(&output.stdout).trim().to_string();
     assert_eq!(fs::metadata(&device).unwrap().len(), 512);

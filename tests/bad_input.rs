@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
@@ -63,6 +64,13 @@ fn missing_and_special_files_are_rejected() {
     attach_rejected(&sandbox, &[], &fifo, &["is a FIFO"]);
     attach_rejected(&sandbox, &[], &socket_path, &["is a socket"]);
     attach_rejected(&sandbox, &[], &empty, &["empty", "truncate -s"]);
+
+    // The registry keeps paths in JSON, which cannot hold such a name.
+    let not_utf8 = sandbox
+        .path("")
+        .join(std::ffi::OsStr::from_bytes(b"\xff\xfe.img"));
+    fs::write(&not_utf8, vec![0u8; 1 << 20]).unwrap();
+    attach_rejected(&sandbox, &[], &not_utf8, &["not valid UTF-8", "rename"]);
 }
 
 #[test]

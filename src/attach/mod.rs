@@ -75,6 +75,9 @@ pub enum AttachError {
     #[error(transparent)]
     Overlay(#[from] OverlayError),
 
+    #[error("{}: file names that are not valid UTF-8 are not supported; rename the file", path.display())]
+    NotUtf8 { path: PathBuf },
+
     #[error("{}: offset {offset} is at or past the end of the image ({len} bytes); give a smaller --offset", path.display())]
     OffsetPastEnd {
         path: PathBuf,

@@ -115,6 +115,15 @@ pub fn device_range(
 /// anything, and returns the device range.
 pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u64), AttachError> {
     let info = image::probe(&options.image)?;
+    // The registry stores paths in JSON, which holds only UTF-8.
+    for path in [Some(&info.path), options.overlay.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        if path.to_str().is_none() {
+            return Err(AttachError::NotUtf8 { path: path.clone() });
+        }
+    }
     let options = &AttachOptions {
         image: info.path.clone(),
         ..options.clone()
@@ -130,12 +139,18 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
     options.lifecycle.validate()?;
 
     if cut {
-        let requested = match options.sizelimit {
-            Some(limit) if limit > 0 => limit.min(info.len - offset),
-            _ => info.len - offset,
+        let available = info.len - offset;
+        let (requested, what) = match options.sizelimit {
+            Some(limit) if limit > 0 && limit < available => {
+                (limit, format!("the size limit {limit} is"))
+            }
+            _ => (
+                available,
+                format!("the {available} bytes after the offset are"),
+            ),
         };
         log::warn!(
-            "{}: the requested size {requested} is not a whole number of {}-byte sectors; the last {} bytes are left out",
+            "{}: {what} not a whole number of {}-byte sectors; the last {} bytes are left out",
             info.path.display(),
             options.sector_size,
             requested - size

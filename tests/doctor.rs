@@ -192,6 +192,9 @@ fn doctor_explains_unusable_fuse_device() {
             "chmod 0666 /dev/fuse",
         ],
     );
+    // The device is there, so a container's options are not the fix.
+    let container = report.line("container");
+    assert!(!container.contains("--device"), "{container}");
     assert!(report.verdict().contains("no attachment will work"));
     sandbox.assert_clean();
 }

@@ -66,10 +66,21 @@ pub(super) fn run_all() -> Report {
             container.as_ref(),
         )
     };
-    if direct.verdict == Verdict::Ok
-        && let Some(container) = &container
-    {
-        checks[0] = Check::new(Verdict::Info, "container", container.summary_when_working());
+    // What the container needs is listed only where it can be the cause: when /dev/fuse is
+    // missing or a trial mount failed. A device that exists but cannot be opened gets its
+    // fix from its own check.
+    if let Some(container) = &container {
+        let device_present = Path::new(FUSE_DEVICE).exists();
+        let line = if direct.verdict == Verdict::Ok {
+            Some(container.summary_when_working())
+        } else if device_present && !device_ok {
+            Some(container.name())
+        } else {
+            None
+        };
+        if let Some(line) = line {
+            checks[0] = Check::new(Verdict::Info, "container", line);
+        }
     }
     checks.push(direct);
 

@@ -124,10 +124,13 @@ impl Container {
     /// Returns the line `doctor` prints about the container after a trial mount worked:
     /// the engine, without the list of what FUSE needs in it.
     pub fn summary_when_working(&self) -> String {
-        format!(
-            "{} ({}); FUSE mounts work in it",
-            self.engine, self.evidence
-        )
+        format!("{}; FUSE mounts work in it", self.name())
+    }
+
+    /// Returns the engine and how it was found, for a line whose fix comes from another
+    /// check (a `/dev/fuse` that exists but cannot be opened, for one).
+    pub fn name(&self) -> String {
+        format!("{} ({})", self.engine, self.evidence)
     }
 
     fn apparmor_note(&self) -> Option<String> {

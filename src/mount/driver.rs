@@ -86,7 +86,7 @@ fn option_list(mode: &str, invocation: &Invocation) -> OsString {
     options.join(",").into()
 }
 
-/// `-o LIST` for read-only drivers, which take no `ro`; empty when the user gave no options.
+/// `-o LIST` of the user's options alone; empty when the user gave none.
 fn extra_options(invocation: &Invocation) -> Vec<OsString> {
     if invocation.options.is_empty() {
         return Vec::new();
@@ -192,10 +192,14 @@ static SQUASHFUSE: Driver = Driver {
     block_device_only: false,
     traces_requests: false,
     arguments: |invocation| {
-        let mut arguments: Vec<OsString> = vec!["-f".into()];
-        arguments.extend(extra_options(invocation));
-        arguments.extend([invocation.device.into(), invocation.directory.into()]);
-        arguments
+        // "ro" also makes /proc/mounts show the mount as read-only.
+        vec![
+            "-f".into(),
+            "-o".into(),
+            option_list("ro", invocation),
+            invocation.device.into(),
+            invocation.directory.into(),
+        ]
     },
 };
 
@@ -210,14 +214,14 @@ static FUSEISO: Driver = Driver {
     // fuseiso takes FUSE options (-f) only after the mount point; -n keeps it from writing
     // ~/.mtab.fuseiso.
     arguments: |invocation| {
-        let mut arguments: Vec<OsString> = vec![
+        vec![
             "-n".into(),
             invocation.device.into(),
             invocation.directory.into(),
             "-f".into(),
-        ];
-        arguments.extend(extra_options(invocation));
-        arguments
+            "-o".into(),
+            option_list("ro", invocation),
+        ]
     },
 };
 
@@ -316,14 +320,14 @@ mod tests {
     }
 
     #[test]
-    fn read_only_drivers_get_options_only_when_given() {
+    fn read_only_drivers_get_ro_and_given_options() {
         assert_eq!(
             arguments(FsType::Squashfs, true, &[]),
-            ["-f", "/run/lf/loop0/p1", "/mnt"]
+            ["-f", "-o", "ro", "/run/lf/loop0/p1", "/mnt"]
         );
         assert_eq!(
             arguments(FsType::Iso9660, true, &["uid=0".to_string()]),
-            ["-n", "/run/lf/loop0/p1", "/mnt", "-f", "-o", "uid=0"]
+            ["-n", "/run/lf/loop0/p1", "/mnt", "-f", "-o", "ro,uid=0"]
         );
     }
 

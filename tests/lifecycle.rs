@@ -560,3 +560,31 @@ fn run_command_starts_with_signals_unblocked() {
     assert!(stdout.contains("SigBlk:\t0000000000000000"), "{stdout}");
     sandbox.assert_clean();
 }
+
+/// A PID file of a daemon killed with SIGKILL is removed when `detach` cleans up after it.
+#[test]
+fn detach_removes_dead_daemons_pidfile() {
+    let Some(sandbox) = Sandbox::new("detach_removes_dead_daemons_pidfile", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    let pidfile = sandbox.path("loop.pid");
+    let mut arguments = vec![std::ffi::OsStr::new("--pidfile"), pidfile.as_os_str()];
+    arguments.push(image.as_os_str());
+    sandbox.attach(arguments);
+
+    let daemon = sandbox.daemon_pid("loop0");
+    assert_eq!(
+        fs::read_to_string(&pidfile).unwrap().trim(),
+        daemon.to_string()
+    );
+    kill(Pid::from_raw(daemon), Signal::SIGKILL).unwrap();
+    let gone = wait_until(Duration::from_secs(3), || {
+        sandbox.list()[0]["state"] == "stale"
+    });
+    assert!(gone, "the daemon still looks alive");
+
+    sandbox.detach("loop0");
+    assert!(!pidfile.exists(), "PID file left behind");
+    sandbox.assert_clean();
+}

@@ -113,6 +113,7 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
             entry.state.image.display()
         );
         report_last_words(registry, name);
+        remove_stale_pidfile(entry);
         unmount_abandoned_filesystems(entry);
         if is_mounted(&entry.mountpoint) {
             unmount_lazily(&entry.mountpoint);
@@ -208,6 +209,23 @@ fn unmount_abandoned_filesystems(entry: &Entry) {
             );
             unmount_lazily(&mounted.directory);
         }
+    }
+}
+
+/// Removes the `--pidfile` of a daemon that died without removing it, when it still names
+/// that daemon, so a supervisor does not find a stale PID.
+fn remove_stale_pidfile(entry: &Entry) {
+    let Some(path) = &entry.state.pidfile else {
+        return;
+    };
+    let names_daemon = std::fs::read_to_string(path)
+        .is_ok_and(|text| text.trim() == entry.state.pid.pid.to_string());
+    if names_daemon && let Err(error) = std::fs::remove_file(path) {
+        log::warn!(
+            "{}: failed to remove the PID file {}: {error}",
+            entry.state.name,
+            path.display()
+        );
     }
 }
 

@@ -166,6 +166,11 @@ fn initial_state(options: &AttachOptions, offset: u64, size: u64) -> AttachmentS
         cache: options.cache.to_string(),
         mounts: Vec::new(),
         autoclear: options.lifecycle.autoclear,
+        pidfile: options
+            .lifecycle
+            .pidfile
+            .as_ref()
+            .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone())),
     }
 }
 

@@ -112,6 +112,9 @@ pub struct AttachmentState {
     /// `losetup -d` of a busy device).
     #[serde(default)]
     pub autoclear: bool,
+    /// Absolute path of the `--pidfile` the daemon writes, removed with a dead daemon's entry.
+    #[serde(default)]
+    pub pidfile: Option<PathBuf>,
 }
 
 /// A partition as recorded in the state file.

@@ -20,6 +20,7 @@ fn state(image: &str) -> AttachmentState {
         cache: String::new(),
         mounts: Vec::new(),
         autoclear: false,
+        pidfile: None,
     }
 }
 

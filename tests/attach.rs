@@ -459,8 +459,8 @@ fn full_backing_filesystem_answers_enospc() {
         assert_eq!(sandbox.list()[0]["state"], "attached", "{mode}");
         assert_chunks_intact(&device, &chunk, &written);
 
-        // The chunk that failed reads as what the image holds, not as the data that never
-        // reached it; with write-back the daemon drops those cached pages in the background.
+        // The chunk that failed reads as the image's contents, not as the data that never
+        // reached it. With write-back the daemon drops those cached pages in the background.
         // A hole reads as zeros, although mapping it would need a tmpfs page.
         let failed = (written.last().unwrap() + 1) * MIB;
         let reader = fs::File::open(&device).unwrap();

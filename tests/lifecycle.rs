@@ -579,10 +579,10 @@ fn detach_removes_dead_daemons_pidfile() {
         daemon.to_string()
     );
     kill(Pid::from_raw(daemon), Signal::SIGKILL).unwrap();
-    let gone = wait_until(Duration::from_secs(3), || {
+    let stale = wait_until(Duration::from_secs(3), || {
         sandbox.list()[0]["state"] == "stale"
     });
-    assert!(gone, "the daemon still looks alive");
+    assert!(stale, "the daemon still looks alive");
 
     sandbox.detach("loop0");
     assert!(!pidfile.exists(), "PID file left behind");

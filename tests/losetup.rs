@@ -277,9 +277,9 @@ fn losetup_detach_of_busy_device_autoclears() {
     assert_eq!(sandbox.list().len(), 1, "detached while still open");
 
     drop(holder);
-    let gone = common::wait_until(std::time::Duration::from_secs(5), || {
+    let detached = common::wait_until(std::time::Duration::from_secs(5), || {
         sandbox.list().is_empty()
     });
-    assert!(gone, "still attached after the last close");
+    assert!(detached, "still attached after the last close");
     sandbox.assert_clean();
 }

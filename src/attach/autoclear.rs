@@ -130,8 +130,8 @@ impl Autoclear {
         )
     }
 
-    /// Turns autoclear on, as the kernel does for `losetup -d` of a busy loop device: the
-    /// attachment detaches after the last close, or now when nothing is open.
+    /// Turns autoclear on, as the kernel does for `losetup -d` of a busy loop device. The
+    /// attachment then detaches after the last close, or at once when nothing is open.
     pub(super) fn arm(&self) {
         self.armed.store(true, Ordering::SeqCst);
         if self.devices.open_count() == 0 {

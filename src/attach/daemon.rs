@@ -169,7 +169,7 @@ struct Mounted {
     written: std::path::PathBuf,
     /// Present when the attachment exposes partitions.
     scanner: Option<Arc<PartitionScanner>>,
-    /// Detaches the attachment after the last close once armed.
+    /// Watcher that detaches the attachment after the last close, once armed.
     autoclear: Autoclear,
 }
 

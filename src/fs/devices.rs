@@ -26,9 +26,9 @@ pub struct DeviceEntry {
     /// Byte offset of this device inside the whole disk, used to find the overlapping range
     /// of other device files after a write.
     pub disk_offset: u64,
-    /// Set when, with write-back caching, a write past the end reached the daemon: the
-    /// kernel then believes the file is larger than the device. Shared by every clone of
-    /// the entry, so all open files of the inode see it.
+    /// Flag set when, with write-back caching, a write past the end reached the daemon, so
+    /// the kernel believes the file is larger than the device. Every clone of the entry
+    /// shares it, so all open files of the inode see it.
     pub overrun: Arc<AtomicBool>,
 }
 
@@ -257,7 +257,8 @@ impl DeviceTable {
     }
 
     /// Returns the current device files and the files of replaced entries that are still
-    /// open, one entry per inode: every inode whose cached pages may show the disk.
+    /// open, one entry per inode, which are all the inodes whose cached pages may show the
+    /// disk.
     pub fn views(&self) -> Vec<DeviceEntry> {
         let mut views = self.entries();
         let handles = self
@@ -272,22 +273,22 @@ impl DeviceTable {
         views
     }
 
-    /// Gives the current device file of `inode` a fresh inode number and returns its new
-    /// entry. Files already open keep the old entry, so the kernel drops the old inode once
-    /// they are closed, and the next lookup creates a new one from the daemon's attributes.
-    pub fn renumber(&self, inode: u64) -> Option<DeviceEntry> {
+    /// Gives the current device file of `inode` a fresh inode number. Files already open
+    /// keep the old entry, so the kernel drops the old inode once they are closed, and the
+    /// next lookup creates a new one from the daemon's attributes.
+    pub fn renumber(&self, inode: u64) {
         let mut entries = self
             .entries
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let entry = entries.iter_mut().find(|entry| entry.inode == inode)?;
-        *entry = DeviceEntry::new(
-            entry.name.clone(),
-            self.next_inode.fetch_add(1, Ordering::Relaxed),
-            entry.device.clone(),
-            entry.disk_offset,
-        );
-        Some(entry.clone())
+        if let Some(entry) = entries.iter_mut().find(|entry| entry.inode == inode) {
+            *entry = DeviceEntry::new(
+                entry.name.clone(),
+                self.next_inode.fetch_add(1, Ordering::Relaxed),
+                entry.device.clone(),
+                entry.disk_offset,
+            );
+        }
     }
 
     /// Number of files currently open.

@@ -268,7 +268,9 @@ impl Filesystem for DeviceFs {
     ) {
         // An open file keeps the device it opened, even after a rescan replaced its entry.
         let file = handle.and_then(|handle| self.devices.handle(u64::from(handle)));
+        // Loaded first, so the common case does not write to the flag's cache line.
         if let Some(file) = &file
+            && file.overrun_pending.load(Ordering::Relaxed)
             && file.overrun_pending.swap(false, Ordering::Relaxed)
         {
             // The kernel sends GETATTR before a cached write once its attributes are stale,
@@ -317,8 +319,8 @@ impl Filesystem for DeviceFs {
 
     fn open(&self, _request: &Request, inode: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let Some(entry) = self.devices.find_by_inode(u64::from(inode)) else {
-            // An inode that a rescan or a write past the end replaced: ESTALE makes the kernel
-            // look the name up again and open the current file, or fail with ENOENT.
+            // A rescan or a write past the end may have replaced the inode. ESTALE makes the
+            // kernel look the name up again and open the current file, or fail with ENOENT.
             reply.error(if u64::from(inode) == ROOT_INODE {
                 Errno::EISDIR
             } else {

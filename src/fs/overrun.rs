@@ -50,7 +50,7 @@ impl DeviceFs {
         let Some(notifier) = self.notifier.get() else {
             return;
         };
-        // Only the attributes (offset -1) here: invalidating pages would wait for the
+        // Only the attributes (offset -1), because invalidating pages would wait for the
         // write-back that the current request belongs to.
         if let Err(error) = notifier.inval_inode(INodeNo(entry.inode), -1, 0)
             && error.raw_os_error() != Some(libc::ENOENT)

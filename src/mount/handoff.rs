@@ -7,8 +7,8 @@
 //! EPERM, libfuse runs `fusermount` and receives the open `/dev/fuse` descriptor over the
 //! socket named in `_FUSE_COMMFD`. The driver starts in a private user and mount namespace
 //! ([`exec_driver`]), where its `mount(2)` fails with EPERM and where every `fusermount` path
-//! is this program. Called by that name ([`answer_fusermount`]), it asks loopfuse to mount
-//! and passes on the descriptor that `fusermount3` sends back. The mount itself is made
+//! is this program. Called by that name ([`answer_fusermount`]), it requests the mount from
+//! loopfuse and passes on the descriptor that `fusermount3` sends back. The mount itself is made
 //! outside the namespace, so every process sees it and `loopfuse umount` unmounts it.
 
 use std::ffi::OsString;
@@ -234,7 +234,7 @@ const SYSTEM_FILES: [&str; 8] = [
     "/dev/null",
 ];
 
-/// Directory inside the new root that holds the old root until it is detached.
+/// Directory inside the new root where the old root stays until it is detached.
 const OLD_ROOT: &str = ".old-root";
 
 /// Enters a new user and mount namespace with the same user and group IDs, so that the

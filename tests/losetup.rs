@@ -283,3 +283,39 @@ fn losetup_detach_of_busy_device_autoclears() {
     assert!(detached, "still attached after the last close");
     sandbox.assert_clean();
 }
+
+/// A partition file is not a loop device: util-linux rejects `losetup /dev/loop0p1` and
+/// `losetup -d /dev/loop0p1`, so the front must neither print nor detach the whole disk.
+#[test]
+fn losetup_rejects_partition_files() {
+    let Some(sandbox) = Sandbox::new("losetup_rejects_partition_files", &["sfdisk"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 16 * MIB);
+    sfdisk(&image, "label: dos\n,4M,L\n,,L\n");
+    let device = losetup(&sandbox, &["-fP", "--show", image.to_str().unwrap()]);
+    let device = device.trim();
+    let directory = Path::new(device).parent().unwrap();
+
+    for partition in [
+        format!("{device}p1"),
+        directory.join("p2").display().to_string(),
+    ] {
+        for args in [vec![partition.as_str()], vec!["-d", partition.as_str()]] {
+            let mut command = sandbox.loopfuse(["losetup"]);
+            let output = command.args(&args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(output.stdout.is_empty(), "{args:?} printed a device");
+            assert!(stderr.contains("it is a partition of loop0"), "{stderr}");
+        }
+    }
+    assert_eq!(
+        sandbox.list().len(),
+        1,
+        "a partition path detached the disk"
+    );
+
+    losetup(&sandbox, &["-d", device]);
+    sandbox.assert_clean();
+}

@@ -37,9 +37,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let too_large = || format!("invalid size '{text}': larger than 2^64 bytes");
     let whole = value.checked_mul(multiplier).ok_or_else(too_large)?;
 
-    if rest.starts_with('.') && (fraction.is_empty() || suffix.is_empty()) {
+    // util-linux reads `1.M` as 1 MiB, so the digits after the point may be missing.
+    if rest.starts_with('.') && suffix.is_empty() {
         return Err(format!(
-            "invalid size '{text}': a fraction needs digits and a suffix, as in 1.5M"
+            "invalid size '{text}': a fraction needs a suffix, as in 1.5M"
         ));
     }
     whole
@@ -92,6 +93,7 @@ mod tests {
             ("1.5G", 3 << 29),
             ("0.5KiB", 512),
             ("2.25MB", 2_250_000),
+            ("1.M", 1 << 20),
         ];
         for (text, expected) in cases {
             assert_eq!(parse_size(text), Ok(expected), "size {text}");
@@ -105,7 +107,8 @@ mod tests {
             "K",
             "-1",
             "1.5",
-            "1.M",
+            "1.",
+            "1.5B",
             "0x1.8M",
             "12Q",
             "4KiBB",

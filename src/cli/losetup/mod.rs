@@ -347,6 +347,7 @@ fn execute(args: &LosetupArgs) -> super::CommandResult {
         }
         Action::ShowOne { device } => {
             let entry = registry.find(&device)?;
+            reject_partition(&entry, &device)?;
             print_entries(args, &[entry], &columns);
             Ok(())
         }
@@ -414,23 +415,44 @@ fn overlapping(
 fn detach_devices(registry: &Registry, devices: &[String]) -> super::CommandResult {
     let mut failed = 0;
     for device in devices {
-        let mut result = attach::detach(registry, device).map(|_| ());
-        if let Err(attach::DetachError::Busy { .. } | attach::DetachError::MountedFrom { .. }) =
-            result
-        {
-            // The kernel turns a busy detach into autoclear, and losetup succeeds.
-            result = attach::detach_when_closed(registry, device);
-        }
-        if let Err(error) = result {
-            eprintln!(
-                "losetup: {device}: detach failed: {}",
-                crate::error_chain(&error)
-            );
+        if let Err(error) = detach_device(registry, device) {
+            eprintln!("losetup: {}", crate::error_chain(error.as_ref()));
             failed += 1;
         }
     }
     if failed > 0 {
         return Err(format!("{failed} of {} devices were not detached", devices.len()).into());
+    }
+    Ok(())
+}
+
+fn detach_device(registry: &Registry, device: &str) -> super::CommandResult {
+    let failed = |error: &dyn std::error::Error| {
+        format!("{device}: detach failed: {}", crate::error_chain(error))
+    };
+    let entry = registry.find(device).map_err(|error| failed(&error))?;
+    reject_partition(&entry, device)?;
+    let result = match attach::detach(registry, device) {
+        // The kernel turns a busy detach into autoclear, and losetup succeeds.
+        Err(attach::DetachError::Busy { .. } | attach::DetachError::MountedFrom { .. }) => {
+            attach::detach_when_closed(registry, device)
+        }
+        result => result.map(|_| ()),
+    };
+    Ok(result.map_err(|error| failed(&error))?)
+}
+
+/// Rejects a partition file (`p1`, `diskp1`) where losetup expects a device, as util-linux
+/// rejects `/dev/loop0p1`, rather than acting on the whole disk it belongs to.
+fn reject_partition(entry: &Entry, device: &str) -> Result<(), String> {
+    let path = std::path::absolute(device).unwrap_or_else(|_| PathBuf::from(device));
+    let in_device_directory = path.parent() == Some(entry.mountpoint.as_path());
+    if in_device_directory && path.file_name() != Some(DISK_FILE.as_ref()) {
+        return Err(format!(
+            "{device}: failed to use device: it is a partition of {}; use {}",
+            entry.state.name,
+            entry.device().display()
+        ));
     }
     Ok(())
 }

@@ -73,6 +73,54 @@ fn missing_and_special_files_are_rejected() {
     attach_rejected(&sandbox, &[], &not_utf8, &["not valid UTF-8", "rename"]);
 }
 
+/// `mount` and the losetup front take such names too, and must name them in the error
+/// instead of failing in argument parsing or in the registry.
+#[test]
+fn non_utf8_names_in_mount_and_losetup() {
+    let Some(sandbox) = Sandbox::new("non_utf8_names_in_mount_and_losetup", &[]) else {
+        return;
+    };
+    let image = sandbox.image_with("disk.img", &pattern(1 << 20, 3));
+    let not_utf8 = sandbox
+        .path("")
+        .join(std::ffi::OsStr::from_bytes(b"\xff.img"));
+    fs::write(&not_utf8, pattern(1 << 20, 3)).unwrap();
+    let directory = sandbox
+        .path("")
+        .join(std::ffi::OsStr::from_bytes(b"mnt\xff"));
+    fs::create_dir(&directory).unwrap();
+    let good_directory = sandbox.path("mnt");
+    fs::create_dir(&good_directory).unwrap();
+
+    let cases = [
+        (
+            vec![
+                "mount".as_ref(),
+                not_utf8.as_os_str(),
+                good_directory.as_os_str(),
+            ],
+            &not_utf8,
+        ),
+        (
+            vec!["mount".as_ref(), image.as_os_str(), directory.as_os_str()],
+            &directory,
+        ),
+        (
+            vec!["losetup".as_ref(), "-f".as_ref(), not_utf8.as_os_str()],
+            &not_utf8,
+        ),
+    ];
+    for (args, subject) in cases {
+        let output = sandbox.run(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&subject.display().to_string()), "{stderr}");
+        assert!(stderr.contains("not valid UTF-8"), "{stderr}");
+        sandbox.assert_clean();
+    }
+    assert_eq!(fs::read(&not_utf8).unwrap(), pattern(1 << 20, 3));
+}
+
 #[test]
 fn windows_outside_image_are_rejected() {
     let Some(sandbox) = Sandbox::new("windows_outside_image_are_rejected", &[]) else {

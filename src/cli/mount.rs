@@ -1,6 +1,8 @@
 //! `loopfuse mount` and `loopfuse umount`: clap definitions and their validation into
 //! [`MountOptions`].
 
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -50,7 +52,7 @@ pub struct MountArgs {
 
     /// The image, optionally with a partition number: disk.img or disk.img:2.
     #[arg(value_name = "IMAGE[:PARTITION]")]
-    pub source: String,
+    pub source: OsString,
 
     /// Existing directory to mount the filesystem on.
     pub directory: PathBuf,
@@ -74,21 +76,24 @@ fn parse_fstype(text: &str) -> Result<FsType, String> {
 
 /// Splits `disk.img:2` into the image and partition 2. A name whose suffix is not a number,
 /// or a file that exists under the whole name, is an image without a partition.
-fn split_source(source: &str) -> Result<(PathBuf, Option<u32>), String> {
-    let Some((image, suffix)) = source.rsplit_once(':') else {
-        return Ok((PathBuf::from(source), None));
+fn split_source(source: &OsStr) -> Result<(PathBuf, Option<u32>), String> {
+    let bytes = source.as_bytes();
+    let whole = || Ok((PathBuf::from(source), None));
+    let Some(colon) = bytes.iter().rposition(|&byte| byte == b':') else {
+        return whole();
     };
-    if Path::new(source).exists()
-        || suffix.is_empty()
-        || !suffix.bytes().all(|b| b.is_ascii_digit())
-    {
-        return Ok((PathBuf::from(source), None));
+    let (image, suffix) = (&bytes[..colon], &bytes[colon + 1..]);
+    if Path::new(source).exists() || suffix.is_empty() || !suffix.iter().all(u8::is_ascii_digit) {
+        return whole();
     }
 
+    // Only ASCII digits are left, so the suffix is valid UTF-8.
+    let suffix = String::from_utf8_lossy(suffix);
     match suffix.parse::<u32>() {
-        Ok(number) if number > 0 => Ok((PathBuf::from(image), Some(number))),
+        Ok(number) if number > 0 => Ok((PathBuf::from(OsStr::from_bytes(image)), Some(number))),
         _ => Err(format!(
-            "{source}: invalid partition number '{suffix}': partitions count from 1"
+            "{}: invalid partition number '{suffix}': partitions count from 1",
+            source.to_string_lossy()
         )),
     }
 }
@@ -167,18 +172,27 @@ mod tests {
     #[test]
     fn source_names_partition_after_colon() {
         assert_eq!(
-            split_source("disk.img:2").unwrap(),
+            split_source("disk.img:2".as_ref()).unwrap(),
             (PathBuf::from("disk.img"), Some(2))
         );
         assert_eq!(
-            split_source("a:b.img").unwrap(),
+            split_source("a:b.img".as_ref()).unwrap(),
             (PathBuf::from("a:b.img"), None)
         );
         assert_eq!(
-            split_source("disk.img").unwrap(),
+            split_source("disk.img".as_ref()).unwrap(),
             (PathBuf::from("disk.img"), None)
         );
-        assert!(split_source("disk.img:0").is_err());
+        assert!(split_source("disk.img:0".as_ref()).is_err());
+    }
+
+    #[test]
+    fn source_may_be_any_bytes() {
+        let source = OsStr::from_bytes(b"d\xffisk.img:3");
+        assert_eq!(
+            split_source(source).unwrap(),
+            (PathBuf::from(OsStr::from_bytes(b"d\xffisk.img")), Some(3))
+        );
     }
 
     #[test]

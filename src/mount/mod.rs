@@ -73,6 +73,9 @@ pub enum MountError {
     #[error("{}: mount point is not a directory", directory.display())]
     NotADirectory { directory: PathBuf },
 
+    #[error("{}: mount point names that are not valid UTF-8 are not supported; use another directory", directory.display())]
+    DirectoryNotUtf8 { directory: PathBuf },
+
     #[error("{}: mount point is not empty, and the mount would hide its files; empty it, or pass '-o nonempty' to mount over them", directory.display())]
     DirectoryNotEmpty { directory: PathBuf },
 
@@ -433,6 +436,12 @@ fn check_directory(directory: &Path) -> Result<PathBuf, MountError> {
             directory: directory.to_path_buf(),
         });
     }
+    // The mount record stores the directory in JSON, which holds only UTF-8.
+    if canonical.to_str().is_none() {
+        return Err(MountError::DirectoryNotUtf8 {
+            directory: directory.to_path_buf(),
+        });
+    }
     if is_mounted(&canonical) {
         return Err(MountError::AlreadyMounted {
             directory: canonical,
@@ -441,9 +450,8 @@ fn check_directory(directory: &Path) -> Result<PathBuf, MountError> {
     Ok(canonical)
 }
 
-/// Checks whether this process may write the image, as `mount` does before it falls back
-/// to a read-only loop device.
-/// Whether this user may write to `image`. A missing image counts as writable, so that the
+/// Checks whether this user may write to `image`, as `mount` does before it falls back to
+/// a read-only loop device. A missing image counts as writable, so that the
 /// attach reports it as missing instead of warning about its permissions first.
 fn is_writable(image: &Path) -> bool {
     !image.exists() || access(image, AccessFlags::W_OK).is_ok()

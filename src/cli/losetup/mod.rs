@@ -31,7 +31,7 @@ pub struct LosetupArgs {
 
     /// Detach one or more devices (more may follow as arguments).
     #[arg(short = 'd', long = "detach", value_name = "LOOPDEV", conflicts_with_all = ["find", "associated", "list", "output", "output_all"])]
-    pub detach: Option<String>,
+    pub detach: Option<OsString>,
 
     /// Detach all used devices.
     #[arg(short = 'D', long = "detach-all", conflicts_with_all = ["all", "set_capacity", "detach", "find", "associated", "list", "output", "output_all"])]
@@ -108,7 +108,7 @@ pub struct LosetupArgs {
 
     /// A device to show, or the device and file of 'losetup LOOPDEV FILE', or the FILE of -f.
     #[arg(value_name = "ARGS")]
-    pub arguments: Vec<String>,
+    pub arguments: Vec<OsString>,
 }
 
 /// The action a losetup command line requests.
@@ -216,8 +216,8 @@ impl LosetupArgs {
         let action = if self.is_empty() || self.only_style() {
             Action::Show { file: None }
         } else if let Some(first) = &self.detach {
-            let mut devices = vec![first.clone()];
-            devices.extend(arguments.by_ref().cloned());
+            let mut devices = vec![device_name(first)];
+            devices.extend(arguments.by_ref().map(device_name));
             Action::Detach { devices }
         } else if self.detach_all {
             Action::DetachAll
@@ -236,7 +236,7 @@ impl LosetupArgs {
             }
         } else if self.arguments.len() == 1 {
             Action::ShowOne {
-                device: arguments.next().cloned().unwrap_or_default(),
+                device: arguments.next().map(device_name).unwrap_or_default(),
             }
         } else if self.arguments.is_empty() && self.lists() {
             Action::Show { file: None }
@@ -298,6 +298,12 @@ impl LosetupArgs {
             Style::Table
         }
     }
+}
+
+/// Returns a device argument as text. No attachment has a path that is not UTF-8, so a
+/// replacement character only makes the lookup fail with the name shown as it can be.
+fn device_name(argument: &OsString) -> String {
+    argument.to_string_lossy().into_owned()
 }
 
 /// Runs a losetup command line and returns its exit status: 0 on success, 1 on failure, 2

@@ -98,6 +98,8 @@ fn read_write_mode(invocation: &Invocation) -> &'static str {
     if invocation.read_only { "ro" } else { "rw" }
 }
 
+// NOTE: fuse2fs 1.47 keeps `ro` to itself, so /proc/mounts shows a read-only mount as rw,
+// although its writes fail with EROFS.
 static FUSE2FS: Driver = Driver {
     program: "fuse2fs",
     package: "fuse2fs",

@@ -722,6 +722,24 @@ fn two_partitions_mount_at_once() {
     fs::write(first.join("one.txt"), "one").unwrap();
     fs::write(second.join("two.txt"), "two").unwrap();
 
+    // A second driver on a mounted filesystem would corrupt it.
+    let third = sandbox.path("third");
+    fs::create_dir(&third).unwrap();
+    let mut again = sandbox.loopfuse(["mount"]);
+    let output = again
+        .arg(format!("{image_name}:1"))
+        .arg(&third)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already mounted on"), "{stderr}");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(third.to_str().unwrap()),
+        "mounted twice"
+    );
+
     umount(&sandbox, &first);
     assert_eq!(fs::read_to_string(second.join("two.txt")).unwrap(), "two");
     assert_eq!(
@@ -732,8 +750,30 @@ fn two_partitions_mount_at_once() {
     umount(&sandbox, &second);
     sandbox.assert_clean();
 
-    mount(&sandbox, &format!("{image_name}:1"), &first);
+    // Started together, the two mounts still share one attachment.
+    let mounting: Vec<_> = [(1, &first), (2, &second)]
+        .into_iter()
+        .map(|(partition, directory)| {
+            let mut command = sandbox.loopfuse(["mount"]);
+            command
+                .arg(format!("{image_name}:{partition}"))
+                .arg(directory);
+            command.stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for child in mounting {
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "parallel mount failed: {stderr}");
+    }
+    assert_eq!(
+        sandbox.list().len(),
+        1,
+        "parallel mounts share one attachment"
+    );
     assert_eq!(fs::read_to_string(first.join("one.txt")).unwrap(), "one");
+    assert_eq!(fs::read_to_string(second.join("two.txt")).unwrap(), "two");
     umount(&sandbox, &first);
+    umount(&sandbox, &second);
     sandbox.assert_clean();
 }

@@ -82,6 +82,12 @@ pub enum MountError {
     #[error("{}: a filesystem is already mounted there; unmount it first", directory.display())]
     AlreadyMounted { directory: PathBuf },
 
+    #[error("{source_name}: already mounted on {}, and a second driver writing the same filesystem would corrupt it; use that directory, or 'loopfuse umount' it first", directory.display())]
+    MountedElsewhere {
+        source_name: String,
+        directory: PathBuf,
+    },
+
     #[error("{source_name}: no partition {partition} ({found})")]
     NoPartition {
         source_name: String,
@@ -230,6 +236,9 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         .map(|fstype| find_driver(fstype, &source_name))
         .transpose()?;
 
+    // Held until the driver has mounted, so that a parallel mount of another partition
+    // finds this attachment instead of failing on the image lock.
+    let _mounts_lock = registry.lock_mounts()?;
     let mut attach_options = options.attach.clone();
     attach_options.partscan |= options.partition.is_some();
     if forced.as_ref().is_some_and(|(driver, _)| !driver.writable) {
@@ -256,6 +265,9 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         record: None,
     };
 
+    if reused.is_some() && !attach_options.read_only {
+        check_not_mounted(registry, &attached.name, options.partition, &source_name)?;
+    }
     let mut device = device_file(registry, &attached, options.partition, &source_name)?;
     let fstype = match options.fstype {
         Some(fstype) => fstype,
@@ -384,6 +396,29 @@ fn find_mount_attachment(registry: &Registry, options: &AttachOptions) -> Option
     })
 }
 
+/// Rejects a second writable mount of a filesystem that attachment `name` already serves:
+/// two drivers writing one filesystem would corrupt it, where the kernel shares one.
+fn check_not_mounted(
+    registry: &Registry,
+    name: &str,
+    partition: Option<u32>,
+    source_name: &str,
+) -> Result<(), MountError> {
+    let entry = registry.find(name)?;
+    match entry
+        .state
+        .mounts
+        .iter()
+        .find(|record| record.partition == partition)
+    {
+        Some(record) => Err(MountError::MountedElsewhere {
+            source_name: source_name.to_string(),
+            directory: record.directory.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Detaches an attachment made by [`mount`] when dropped, unless disarmed: every failure
 /// after the attach leaves nothing behind.
 struct DetachOnDrop<'a> {
@@ -436,7 +471,7 @@ fn check_directory(directory: &Path) -> Result<PathBuf, MountError> {
             directory: directory.to_path_buf(),
         });
     }
-    // The mount record stores the directory in JSON, which holds only UTF-8.
+    // The mount record stores the directory in JSON, which can contain only UTF-8.
     if canonical.to_str().is_none() {
         return Err(MountError::DirectoryNotUtf8 {
             directory: directory.to_path_buf(),
@@ -578,6 +613,7 @@ pub struct Unmounted {
 /// Unmounts a filesystem mounted by [`mount`], waits for its driver to flush and exit, and
 /// detaches the attachment that `mount` made for it.
 pub fn umount(registry: &Registry, directory: &Path) -> Result<Unmounted, MountError> {
+    let _mounts_lock = registry.lock_mounts()?;
     // A mount whose driver died fails to canonicalize (ENOTCONN); its absolute path is
     // still the one recorded.
     let wanted = std::fs::canonicalize(directory)

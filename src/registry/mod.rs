@@ -24,6 +24,9 @@ pub use process::ProcessId;
 /// Name of the device file of the whole disk inside an attachment's mount point.
 pub const DISK_FILE: &str = "disk";
 
+/// The file that [`Registry::lock_mounts`] locks; its leading dot keeps it out of `list`.
+const MOUNT_LOCK_FILE: &str = ".mount.lock";
+
 /// Errors from the registry.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -458,6 +461,29 @@ impl Registry {
                 })
             }
         }
+    }
+
+    /// Takes the lock that `mount` and `umount` hold from start to end. Two mounts of one
+    /// image then share its attachment in turn, instead of racing to attach it twice.
+    pub fn lock_mounts(&self) -> Result<Flock<File>, RegistryError> {
+        if !self.root.exists() {
+            Self::at(self.root.clone())?;
+        }
+        let path = self.root.join(MOUNT_LOCK_FILE);
+        let io_error = |source| RegistryError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_error)?;
+
+        Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io_error(io::Error::from(errno)))
     }
 
     /// Takes the registry lock, creating the registry directory first when a registry

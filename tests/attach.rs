@@ -248,6 +248,47 @@ fn read_only_attach_refuses_writes_with_erofs() {
     sandbox.assert_clean();
 }
 
+/// A write-protected image (mode 0444 for a user, a read-only filesystem for root) gets a
+/// read-only device with a warning, as losetup sets one up, instead of an error.
+#[test]
+fn write_protected_image_attaches_read_only() {
+    let test = "write_protected_image_attaches_read_only";
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let content = pattern(MIB as usize, 9);
+    let (image, _tmpfs) = if is_root() {
+        let (small, tmpfs) = small_tmpfs(&sandbox);
+        let image = small.join("disk.img");
+        fs::write(&image, &content).unwrap();
+        let read_only = nix::mount::MsFlags::MS_REMOUNT | nix::mount::MsFlags::MS_RDONLY;
+        nix::mount::mount(None::<&str>, &small, None::<&str>, read_only, None::<&str>).unwrap();
+        (image, Some(tmpfs))
+    } else {
+        let image = sandbox.image_with("disk.img", &content);
+        fs::set_permissions(&image, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
+        (image, None)
+    };
+
+    for front in [&["attach"][..], &["losetup", "-f", "--show"][..]] {
+        let mut command = sandbox.loopfuse(front);
+        let output = command.arg(&image).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{front:?}: {stderr}");
+        assert!(stderr.contains("write-protected"), "{stderr}");
+        let device = String::from_utf8(output.stdout).unwrap();
+        let device = device.trim();
+
+        let error = OpenOptions::new().write(true).open(device).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EROFS));
+        assert_eq!(fs::read(device).unwrap(), content);
+        assert_eq!(sandbox.list()[0]["read_only"], true);
+        sandbox.detach(device);
+    }
+    assert_eq!(fs::read(&image).unwrap(), content);
+    sandbox.assert_clean();
+}
+
 #[test]
 fn fio_verify_with_two_jobs_passes() {
     let Some(sandbox) = Sandbox::new("fio_verify_with_two_jobs_passes", &["fio"]) else {

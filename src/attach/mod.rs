@@ -34,7 +34,9 @@ pub use environment::EnvironmentError;
 pub use lifecycle::{Lifecycle, LifecycleError};
 pub use mountinfo::is_mounted;
 pub use namespace::NamespaceError;
-pub use options::{AttachOptions, SECTOR_SIZES, device_range, validate};
+pub use options::{
+    AttachOptions, SECTOR_SIZES, device_range, read_only_if_write_protected, validate,
+};
 pub use partitions::{RescanError, rescan};
 pub use run::{EXEC_SUBCOMMAND, RunError, exec_in_place, exec_unblocked, run_attached};
 
@@ -178,6 +180,7 @@ fn initial_state(options: &AttachOptions, offset: u64, size: u64) -> AttachmentS
 ///
 /// On failure nothing is left mounted or registered, and the image is untouched.
 pub fn attach(options: &AttachOptions, registry: &Registry) -> Result<Attached, AttachError> {
+    let options = &read_only_if_write_protected(options);
     let (offset, size) = validate(options, registry)?;
     let state = initial_state(options, offset, size);
     let image = state.image.clone();
@@ -263,6 +266,7 @@ pub fn attach_foreground(
     registry: &Registry,
     on_ready: impl FnOnce(&Attached),
 ) -> Result<(), AttachError> {
+    let options = &read_only_if_write_protected(options);
     let (offset, size) = validate(options, registry)?;
     let reservation = registry.reserve(initial_state(options, offset, size))?;
     let name = reservation.name().to_string();

@@ -73,6 +73,20 @@ impl AttachOptions {
     }
 }
 
+/// Returns `options` made read-only when the image is write-protected, since losetup then
+/// sets up a read-only device instead of failing. An overlay takes the writes itself.
+pub fn read_only_if_write_protected(options: &AttachOptions) -> AttachOptions {
+    let mut options = options.clone();
+    if !options.read_only && !options.uses_overlay() && image::is_write_protected(&options.image) {
+        log::warn!(
+            "{}: write-protected, attaching read-only",
+            options.image.display()
+        );
+        options.read_only = true;
+    }
+    options
+}
+
 /// The device range of an image: `(offset, size)` in bytes.
 ///
 /// The size is rounded down to whole sectors, as the kernel loop driver does. The returned

@@ -34,7 +34,7 @@ pub enum ImageError {
     #[error("{}: cannot open the image", path.display())]
     Open { path: PathBuf, source: io::Error },
 
-    #[error("{}: permission denied for writing; attach it read-only with -r, or make it writable", path.display())]
+    #[error("{}: permission denied for writing; make it writable, for example with 'chmod u+w {}'", path.display(), path.display())]
     NotWritable { path: PathBuf },
 
     #[error("{}: is a {kind}, not an image file (give a regular file or a block device)", path.display())]
@@ -98,6 +98,15 @@ pub fn probe(path: &Path) -> Result<ImageInfo, ImageError> {
 pub fn check_unlocked(path: &Path, access: Access) -> Result<(), ImageError> {
     let file = open_file(path, Access::ReadOnly)?;
     lock(file, path, access).map(drop)
+}
+
+/// Returns whether this user may not write to `path` because of its permissions or a
+/// read-only filesystem: the two cases in which losetup sets up a read-only device instead.
+pub fn is_write_protected(path: &Path) -> bool {
+    matches!(
+        nix::unistd::access(path, nix::unistd::AccessFlags::W_OK),
+        Err(nix::errno::Errno::EACCES | nix::errno::Errno::EROFS)
+    )
 }
 
 fn lock(file: File, path: &Path, access: Access) -> Result<Flock<File>, ImageError> {

@@ -17,8 +17,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::unistd::{AccessFlags, access};
-
 use crate::attach::{self, AttachError, AttachOptions, DetachError, environment, is_mounted};
 use crate::registry::{MountRecord, Registry, RegistryError};
 use detect::{Detection, FsType};
@@ -244,13 +242,7 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
     if forced.as_ref().is_some_and(|(driver, _)| !driver.writable) {
         attach_options.read_only = true;
     }
-    if !attach_options.read_only && !is_writable(&attach_options.image) {
-        log::warn!(
-            "{}: write-protected, mounting read-only",
-            attach_options.image.display()
-        );
-        attach_options.read_only = true;
-    }
+    attach_options = attach::read_only_if_write_protected(&attach_options);
 
     // A second partition of an image that `mount` already attached is served by the same
     // attachment: the image is locked by it, so a second attachment would be refused.
@@ -483,13 +475,6 @@ fn check_directory(directory: &Path) -> Result<PathBuf, MountError> {
         });
     }
     Ok(canonical)
-}
-
-/// Checks whether this user may write to `image`, as `mount` does before it falls back to
-/// a read-only loop device. A missing image counts as writable, so that the
-/// attach reports it as missing instead of warning about its permissions first.
-fn is_writable(image: &Path) -> bool {
-    !image.exists() || access(image, AccessFlags::W_OK).is_ok()
 }
 
 /// Returns the device file to mount: the disk, or partition `pN` when the table has it.

@@ -338,6 +338,41 @@ fn overlay_full_before_first_flush_keeps_blocks() {
     sandbox.assert_clean();
 }
 
+/// An overlay that cannot be created on a full filesystem leaves no file behind, so the
+/// same command works once there is space again.
+#[test]
+fn overlay_not_created_on_full_filesystem() {
+    let test = "overlay_not_created_on_full_filesystem";
+    if !is_root() {
+        eprintln!("SKIP {test}: mounting a small tmpfs needs root");
+        return;
+    }
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let (small, _tmpfs) = small_tmpfs(&sandbox);
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    let filler = small.join("filler");
+    let _ = fs::write(&filler, vec![1u8; 8 * MIB as usize]);
+    let overlay = small.join("changes.overlay");
+
+    let mut command = sandbox.loopfuse(["attach"]);
+    let output = command
+        .args(overlay_args(&overlay, &image))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("No space left"), "{stderr}");
+    assert!(!overlay.exists(), "a file without a header was left behind");
+    sandbox.assert_clean();
+
+    fs::remove_file(&filler).unwrap();
+    let device = sandbox.attach(overlay_args(&overlay, &image));
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
 #[test]
 fn overlay_on_full_filesystem_answers_enospc() {
     let test = "overlay_on_full_filesystem_answers_enospc";

@@ -56,8 +56,18 @@ pub fn open_overlay(
     if create {
         let layout = Layout::new(identity.len, DEFAULT_BLOCK_SIZE);
         create_file(overlay_path, layout.file_len(), state == FileState::Missing)?;
-        let store = Arc::new(Image::open(overlay_path, Access::ReadWrite)?);
-        let overlay = Overlay::create(base, store, overlay_path, identity, DEFAULT_BLOCK_SIZE)?;
+        let created = Image::open(overlay_path, Access::ReadWrite)
+            .map_err(OverlayError::from)
+            .and_then(|store| {
+                Overlay::create(
+                    base,
+                    Arc::new(store),
+                    overlay_path,
+                    identity,
+                    DEFAULT_BLOCK_SIZE,
+                )
+            });
+        let overlay = created.inspect_err(|_| undo_create(overlay_path, state))?;
         return Ok(OpenedOverlay {
             overlay,
             created: true,
@@ -140,6 +150,25 @@ fn file_state(path: &Path) -> Result<FileState, OverlayError> {
             path: path.to_path_buf(),
             source,
         }),
+    }
+}
+
+/// Undoes [`create_file`] after the new overlay could not be written (a full filesystem),
+/// so that a retry does not find a file without a header: a file it made is removed, and
+/// one that was there is left empty.
+fn undo_create(path: &Path, state: FileState) {
+    let undone = match state {
+        FileState::Missing => std::fs::remove_file(path),
+        FileState::Empty | FileState::Holds => OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|file| file.set_len(0)),
+    };
+    if let Err(error) = undone {
+        log::warn!(
+            "{}: cannot remove the overlay that was not written: {error}",
+            path.display()
+        );
     }
 }
 

@@ -539,6 +539,30 @@ fn background_attach_writes_pidfile_of_daemon() {
     sandbox.assert_clean();
 }
 
+/// A PID file that cannot be written fails the attach and leaves no temporary file.
+#[test]
+fn unwritable_pidfile_leaves_nothing() {
+    let Some(sandbox) = Sandbox::new("unwritable_pidfile_leaves_nothing", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    let directory = sandbox.path("pid-directory");
+    fs::create_dir(&directory).unwrap();
+
+    let mut command = sandbox.loopfuse(["attach", "--pidfile"]);
+    let output = command.arg(&directory).arg(&image).output().unwrap();
+
+    assert_eq!(output.status.code(), Some(1), "{}", stderr_of(&output));
+    assert!(stderr_of(&output).contains("cannot write the PID file"));
+    let mut temporary = directory.clone().into_os_string();
+    temporary.push(".tmp");
+    assert!(
+        !Path::new(&temporary).exists(),
+        "temporary PID file left behind"
+    );
+    sandbox.assert_clean();
+}
+
 /// Regression: the command inherited the signal mask that `run` uses to catch the signals it
 /// forwards, so a SIGTERM for a command like `sleep` stayed pending until it ended by itself.
 /// A shell resets its mask at start, so the command here is `grep` itself.

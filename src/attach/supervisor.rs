@@ -2,9 +2,7 @@
 //! notification protocol (`sd_notify(3)`: a `READY=1` datagram to the unix socket named by
 //! `NOTIFY_SOCKET`, where a leading `@` means an abstract socket).
 
-use std::io::Write;
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
 
@@ -30,15 +28,9 @@ impl PidFile {
         temporary.push(".tmp");
         let temporary = PathBuf::from(temporary);
 
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&temporary)
+        let contents = format!("{}\n", std::process::id());
+        crate::registry::replace_file(path, &temporary, contents.as_bytes(), 0o644)
             .map_err(io_error)?;
-        writeln!(file, "{}", std::process::id()).map_err(io_error)?;
-        std::fs::rename(&temporary, path).map_err(io_error)?;
 
         Ok(Self {
             path: path.to_path_buf(),

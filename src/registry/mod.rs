@@ -44,7 +44,7 @@ pub enum RegistryError {
         mode: u32,
     },
 
-    #[error("{}: cannot access the registry", path.display())]
+    #[error("{}: cannot access the registry{}", path.display(), if source.kind() == io::ErrorKind::StorageFull { "; free some space on its filesystem" } else { "" })]
     Io { path: PathBuf, source: io::Error },
 
     #[error("{}: invalid state file (remove it, and unmount {} if it is still mounted)", path.display(), mountpoint.display())]
@@ -336,17 +336,7 @@ impl Registry {
         let text = serde_json::to_string_pretty(state)
             .map_err(io::Error::other)
             .map_err(io_error)?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(io_error)?;
-        file.write_all(text.as_bytes()).map_err(io_error)?;
-        fs::rename(&temporary, &path).map_err(io_error)?;
-
-        Ok(())
+        replace_file(&path, &temporary, text.as_bytes(), 0o600).map_err(io_error)
     }
 
     /// Removes the state, log, snapshot overlay and mount point of `name`, ignoring parts
@@ -501,6 +491,23 @@ impl Registry {
         Flock::lock(directory, FlockArg::LockExclusive)
             .map_err(|(_, errno)| io_error(io::Error::from(errno)))
     }
+}
+
+/// Replaces `path` with a file containing `contents` by writing `temporary` and renaming it,
+/// so that a reader never sees part of it. A failed write leaves no temporary file behind.
+pub fn replace_file(path: &Path, temporary: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let written = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(temporary)
+        .and_then(|mut file| file.write_all(contents))
+        .and_then(|()| fs::rename(temporary, path));
+    if written.is_err() {
+        let _ = fs::remove_file(temporary);
+    }
+    written
 }
 
 fn attachment_number(name: &str) -> u64 {

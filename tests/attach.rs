@@ -5,7 +5,7 @@ mod common;
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::time::Duration;
 
 use common::{
@@ -286,6 +286,37 @@ fn write_protected_image_attaches_read_only() {
         sandbox.detach(device);
     }
     assert_eq!(fs::read(&image).unwrap(), content);
+    sandbox.assert_clean();
+}
+
+/// The owner may chmod a device file and root may chown it, as with `/dev/loopN`, so that
+/// an `--allow-other` attachment can be opened to other users.
+#[test]
+fn device_files_follow_chmod_and_chown() {
+    let Some(sandbox) = Sandbox::new("device_files_follow_chmod_and_chown", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    let device = sandbox.attach([image.as_os_str()]);
+    let mode_of =
+        |path: &std::path::Path| fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode_of(&device), 0o600);
+
+    fs::set_permissions(&device, fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(mode_of(&device), 0o640);
+
+    if is_root() {
+        std::os::unix::fs::chown(&device, Some(65534), Some(65534)).unwrap();
+        let metadata = fs::metadata(&device).unwrap();
+        assert_eq!((metadata.uid(), metadata.gid()), (65534, 65534));
+    } else {
+        let error = std::os::unix::fs::chown(&device, Some(0), None).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EPERM));
+        fs::set_permissions(&device, fs::Permissions::from_mode(0o400)).unwrap();
+        let error = OpenOptions::new().write(true).open(&device).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EACCES));
+    }
+    sandbox.detach(&device);
     sandbox.assert_clean();
 }
 

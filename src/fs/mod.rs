@@ -9,6 +9,7 @@ mod cache;
 mod devices;
 mod fallocate;
 mod overrun;
+mod permissions;
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
@@ -28,6 +29,7 @@ pub use cache::CacheMode;
 pub use devices::{DISK_INODE, DISK_NAME, DeviceEntry, DeviceTable, OpenFile, ROOT_INODE};
 use fallocate::fallocate_device;
 use overrun::invalidate_names;
+use permissions::PermissionTable;
 
 /// How long the kernel may cache attributes and names. The size and times of a device file
 /// never change while attached, so only `st_blocks` can be up to this much out of date.
@@ -62,6 +64,7 @@ pub struct DeviceFs {
     on_disk_changed: Option<DiskChanged>,
     on_last_close: Option<LastClosed>,
     owner: Owner,
+    permissions: PermissionTable,
     read_only: bool,
     /// Modification time shown for every file: the image's, fixed at attach time, so the
     /// kernel never finds a change that would make it drop its cached pages.
@@ -90,6 +93,7 @@ impl DeviceFs {
             on_disk_changed: None,
             on_last_close: None,
             owner,
+            permissions: PermissionTable::new(owner, read_only),
             read_only,
             mtime,
         }
@@ -158,7 +162,10 @@ impl DeviceFs {
         let mut attr = self.base_attr(entry.inode);
         attr.size = entry.device.len();
         attr.blocks = entry.device.allocated_sectors().unwrap_or(0);
-        attr.perm = if self.read_only { 0o400 } else { 0o600 };
+        let permissions = self.permissions.of(&entry.name);
+        attr.perm = permissions.perm;
+        attr.uid = permissions.uid;
+        attr.gid = permissions.gid;
         attr
     }
 
@@ -308,11 +315,22 @@ impl Filesystem for DeviceFs {
         reply: ReplyAttr,
     ) {
         // A block device's size cannot be truncated: O_TRUNC and truncate(2) succeed and
-        // leave the device as it is. Times are fixed. Ownership and mode are not ours to
-        // change, because they mirror the attaching user.
+        // leave the device as it is. Times are fixed.
         if mode.is_some() || uid.is_some() || gid.is_some() {
-            reply.error(Errno::EPERM);
-            return;
+            let inode = u64::from(inode);
+            let entry = self
+                .devices
+                .find_by_inode(inode)
+                .or_else(|| self.devices.find_open_by_inode(inode));
+            let Some(entry) = entry else {
+                reply.error(Errno::EPERM);
+                return;
+            };
+            log::debug!(
+                "setattr {} mode {mode:?} uid {uid:?} gid {gid:?}",
+                entry.name
+            );
+            self.permissions.change(&entry.name, mode, uid, gid);
         }
         self.getattr(_request, inode, handle, reply);
     }

@@ -1,0 +1,95 @@
+//! Mode and ownership of the device files. Each starts as the attaching user's, mode 0600
+//! (0400 read-only). Its owner may `chmod` it and root may `chown` it, as an administrator
+//! does with `/dev/loopN`, and the kernel checks who may (`default_permissions`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::Owner;
+
+/// Mode bits and owner of one device file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilePermissions {
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The permissions of every device file, by name, so that they outlive a partition rescan.
+pub struct PermissionTable {
+    initial: FilePermissions,
+    changed: Mutex<HashMap<String, FilePermissions>>,
+}
+
+impl PermissionTable {
+    pub fn new(owner: Owner, read_only: bool) -> Self {
+        Self {
+            initial: FilePermissions {
+                perm: if read_only { 0o400 } else { 0o600 },
+                uid: owner.uid,
+                gid: owner.gid,
+            },
+            changed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Returns the permissions of the device file `name`.
+    pub fn of(&self, name: &str) -> FilePermissions {
+        let changed = self
+            .changed
+            .lock()
+            .unwrap_or_else(|error| error.into_inner());
+        changed.get(name).copied().unwrap_or(self.initial)
+    }
+
+    /// Applies a `chmod` (`mode`) or `chown` (`uid`, `gid`) to the device file `name`.
+    /// Only the permission bits of `mode` are kept: set-user-ID and the like mean nothing
+    /// on a device file of a `nosuid` mount.
+    pub fn change(&self, name: &str, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) {
+        let mut changed = self
+            .changed
+            .lock()
+            .unwrap_or_else(|error| error.into_inner());
+        let permissions = changed.entry(name.to_string()).or_insert(self.initial);
+        if let Some(mode) = mode {
+            permissions.perm = (mode & 0o777) as u16;
+        }
+        if let Some(uid) = uid {
+            permissions.uid = uid;
+        }
+        if let Some(gid) = gid {
+            permissions.gid = gid;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_apply_to_one_file() {
+        let table = PermissionTable::new(
+            Owner {
+                uid: 1000,
+                gid: 100,
+            },
+            false,
+        );
+        table.change("p1", Some(0o100640), None, Some(6));
+
+        let changed = FilePermissions {
+            perm: 0o640,
+            uid: 1000,
+            gid: 6,
+        };
+        assert_eq!(table.of("p1"), changed);
+        assert_eq!(table.of("disk").perm, 0o600);
+    }
+
+    #[test]
+    fn read_only_files_start_at_0400() {
+        let table = PermissionTable::new(Owner { uid: 0, gid: 0 }, true);
+        assert_eq!(table.of("disk").perm, 0o400);
+    }
+}

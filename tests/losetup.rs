@@ -284,11 +284,11 @@ fn losetup_detach_of_busy_device_autoclears() {
     sandbox.assert_clean();
 }
 
-/// A partition file is not a loop device: util-linux rejects `losetup /dev/loop0p1` and
-/// `losetup -d /dev/loop0p1`, so the front must neither print nor detach the whole disk.
+/// Partition files and images are not loop devices: util-linux rejects `losetup
+/// /dev/loop0p1` and `losetup -d IMAGE`, so the front must neither print nor detach the disk.
 #[test]
-fn losetup_rejects_partition_files() {
-    let Some(sandbox) = Sandbox::new("losetup_rejects_partition_files", &["sfdisk"]) else {
+fn losetup_rejects_non_device_arguments() {
+    let Some(sandbox) = Sandbox::new("losetup_rejects_non_device_arguments", &["sfdisk"]) else {
         return;
     };
     let image = sandbox.sparse_image("disk.img", 16 * MIB);
@@ -297,23 +297,29 @@ fn losetup_rejects_partition_files() {
     let device = device.trim();
     let directory = Path::new(device).parent().unwrap();
 
-    for partition in [
-        format!("{device}p1"),
-        directory.join("p2").display().to_string(),
-    ] {
-        for args in [vec![partition.as_str()], vec!["-d", partition.as_str()]] {
+    let arguments = [
+        (format!("{device}p1"), "it is a partition of loop0"),
+        (
+            directory.join("p2").display().to_string(),
+            "it is a partition of loop0",
+        ),
+        (image.display().to_string(), "it is the image of loop0"),
+    ];
+    for (argument, expected) in &arguments {
+        for args in [vec![argument.as_str()], vec!["-d", argument.as_str()]] {
             let mut command = sandbox.loopfuse(["losetup"]);
             let output = command.args(&args).output().unwrap();
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
             assert!(output.stdout.is_empty(), "{args:?} printed a device");
-            assert!(stderr.contains("it is a partition of loop0"), "{stderr}");
+            assert!(stderr.contains(expected), "{stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
         }
     }
     assert_eq!(
         sandbox.list().len(),
         1,
-        "a partition path detached the disk"
+        "an argument that is not a device detached it"
     );
 
     losetup(&sandbox, &["-d", device]);

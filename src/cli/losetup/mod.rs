@@ -300,6 +300,11 @@ impl LosetupArgs {
     }
 }
 
+/// A `-d` that failed for some of its devices, each already reported.
+#[derive(Debug, thiserror::Error)]
+#[error("some devices were not detached")]
+struct NotAllDetached;
+
 /// Returns a device argument as text. No attachment has a path that is not UTF-8, so a
 /// replacement character only makes the lookup fail with the name shown as it can be.
 fn device_name(argument: &OsString) -> String {
@@ -311,6 +316,8 @@ fn device_name(argument: &OsString) -> String {
 pub fn run(args: &LosetupArgs) -> ExitCode {
     match execute(args) {
         Ok(()) => ExitCode::SUCCESS,
+        // Each failed detach was reported as it happened, as util-linux does.
+        Err(error) if error.is::<NotAllDetached>() => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("losetup: {}", crate::error_chain(error.as_ref()));
             if error.is::<UsageError>() {
@@ -353,7 +360,7 @@ fn execute(args: &LosetupArgs) -> super::CommandResult {
         }
         Action::ShowOne { device } => {
             let entry = registry.find(&device)?;
-            reject_partition(&entry, &device)?;
+            check_device_argument(&entry, &device)?;
             print_entries(args, &[entry], &columns);
             Ok(())
         }
@@ -427,7 +434,7 @@ fn detach_devices(registry: &Registry, devices: &[String]) -> super::CommandResu
         }
     }
     if failed > 0 {
-        return Err(format!("{failed} of {} devices were not detached", devices.len()).into());
+        return Err(NotAllDetached.into());
     }
     Ok(())
 }
@@ -437,7 +444,7 @@ fn detach_device(registry: &Registry, device: &str) -> super::CommandResult {
         format!("{device}: detach failed: {}", crate::error_chain(error))
     };
     let entry = registry.find(device).map_err(|error| failed(&error))?;
-    reject_partition(&entry, device)?;
+    check_device_argument(&entry, device)?;
     let result = match attach::detach(registry, device) {
         // The kernel turns a busy detach into autoclear, and losetup succeeds.
         Err(attach::DetachError::Busy { .. } | attach::DetachError::MountedFrom { .. }) => {
@@ -448,19 +455,25 @@ fn detach_device(registry: &Registry, device: &str) -> super::CommandResult {
     Ok(result.map_err(|error| failed(&error))?)
 }
 
-/// Rejects a partition file (`p1`, `diskp1`) where losetup expects a device, as util-linux
-/// rejects `/dev/loop0p1`, rather than acting on the whole disk it belongs to.
-fn reject_partition(entry: &Entry, device: &str) -> Result<(), String> {
+/// Rejects an argument that names the attachment `entry` but not as a device: a partition
+/// file (`p1`, `diskp1`) or the image. util-linux rejects `/dev/loop0p1` and image files
+/// where it expects a loop device, rather than acting on the disk they belong to.
+fn check_device_argument(entry: &Entry, device: &str) -> Result<(), String> {
     let path = std::path::absolute(device).unwrap_or_else(|_| PathBuf::from(device));
-    let in_device_directory = path.parent() == Some(entry.mountpoint.as_path());
-    if in_device_directory && path.file_name() != Some(DISK_FILE.as_ref()) {
-        return Err(format!(
-            "{device}: failed to use device: it is a partition of {}; use {}",
-            entry.state.name,
-            entry.device().display()
-        ));
+    let names_device =
+        device == entry.state.name || path == entry.device() || path == entry.mountpoint;
+    if names_device {
+        return Ok(());
     }
-    Ok(())
+    let reason = if path.parent() == Some(entry.mountpoint.as_path()) {
+        format!("it is a partition of {}", entry.state.name)
+    } else {
+        format!("it is the image of {}", entry.state.name)
+    };
+    Err(format!(
+        "{device}: failed to use device: {reason}; use {}",
+        entry.device().display()
+    ))
 }
 
 /// Attachments of `file` (same inode, or same canonical path), with `offset` when given.

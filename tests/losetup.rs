@@ -325,3 +325,39 @@ fn losetup_rejects_non_device_arguments() {
     losetup(&sandbox, &["-d", device]);
     sandbox.assert_clean();
 }
+
+/// Listings follow the attached file, as the kernel keeps its device and inode: a deleted
+/// image shows as `(deleted)`, a new file at its path is not taken for it, and a device
+/// whose daemon died is left out.
+#[test]
+fn losetup_lists_attached_file_and_live_devices() {
+    let test = "losetup_lists_attached_file_and_live_devices";
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    let image_path = image.to_str().unwrap();
+    let inode = fs::metadata(&image).unwrap().ino();
+    let device = losetup(&sandbox, &["-f", "--show", image_path]);
+    let device = device.trim();
+
+    fs::remove_file(&image).unwrap();
+    let listed = losetup(&sandbox, &["-a"]);
+    assert!(
+        listed.contains(&format!(":{inode} ({image_path} (deleted))")),
+        "{listed}"
+    );
+
+    sandbox.sparse_image("disk.img", 8 * MIB);
+    assert_eq!(losetup(&sandbox, &["-j", image_path]), "");
+
+    let pid = sandbox.daemon_pid("loop0");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+    let gone = common::wait_until(std::time::Duration::from_secs(5), || {
+        losetup(&sandbox, &["-a"]).is_empty()
+    });
+    assert!(gone, "a device whose daemon died is still listed");
+
+    losetup(&sandbox, &["-d", device]);
+    sandbox.assert_clean();
+}

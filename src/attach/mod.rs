@@ -42,7 +42,7 @@ pub use run::{EXEC_SUBCOMMAND, RunError, exec_in_place, exec_unblocked, run_atta
 
 use crate::block::overlay::OverlayError;
 use crate::image::ImageError;
-use crate::registry::{AttachmentState, ProcessId, Registry, RegistryError, Stage};
+use crate::registry::{AttachmentState, FileId, ProcessId, Registry, RegistryError, Stage};
 
 /// How long `attach` waits for the daemon to report that the device is usable.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -173,6 +173,7 @@ fn initial_state(options: &AttachOptions, offset: u64, size: u64) -> AttachmentS
             .pidfile
             .as_ref()
             .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone())),
+        image_id: FileId::of(&options.image),
     }
 }
 

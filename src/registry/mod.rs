@@ -118,6 +118,28 @@ pub struct AttachmentState {
     /// Absolute path of the `--pidfile` the daemon writes, removed with a dead daemon's entry.
     #[serde(default)]
     pub pidfile: Option<PathBuf>,
+    /// Device and inode of the image file when it was attached, which identify it after it
+    /// was deleted or replaced, as the kernel loop driver keeps them.
+    #[serde(default)]
+    pub image_id: Option<FileId>,
+}
+
+/// Device and inode numbers of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub device: u64,
+    pub inode: u64,
+}
+
+impl FileId {
+    /// Returns the numbers of the file at `path`, or `None` when it cannot be read.
+    pub fn of(path: &Path) -> Option<Self> {
+        let metadata = fs::metadata(path).ok()?;
+        Some(Self {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        })
+    }
 }
 
 /// A partition as recorded in the state file.

@@ -21,6 +21,7 @@ fn state(image: &str) -> AttachmentState {
         mounts: Vec::new(),
         autoclear: false,
         pidfile: None,
+        image_id: None,
     }
 }
 

@@ -4,7 +4,7 @@
 use std::os::unix::fs::MetadataExt;
 
 use crate::cli::text::escape_control;
-use crate::registry::Entry;
+use crate::registry::{Entry, FileId};
 
 /// One loop device as `losetup` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,13 +29,21 @@ pub struct LoopInfo {
 impl LoopInfo {
     pub fn of(entry: &Entry) -> Self {
         let state = &entry.state;
-        let image = std::fs::metadata(&state.image).ok();
+        let current = FileId::of(&state.image);
+        // As the kernel reports it: the file attached, even when its name now leads to
+        // another file or to none.
+        let attached = state.image_id.or(current);
+        let deleted = state.image_id.is_some() && current != state.image_id;
+        let mut back_file = state.image.display().to_string();
+        if deleted {
+            back_file.push_str(" (deleted)");
+        }
         let device = entry.device();
         Self {
             name: device.display().to_string(),
-            back_file: state.image.display().to_string(),
-            back_device: image.as_ref().map(MetadataExt::dev),
-            back_inode: image.as_ref().map(MetadataExt::ino),
+            back_file,
+            back_device: attached.map(|id| id.device),
+            back_inode: attached.map(|id| id.inode),
             device_number: std::fs::metadata(&device).ok().map(|m| m.dev()),
             offset: state.offset,
             sizelimit: state.sizelimit,

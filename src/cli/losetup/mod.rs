@@ -9,7 +9,6 @@
 mod format;
 
 use std::ffi::OsString;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -17,7 +16,7 @@ use clap::Args;
 
 use super::{UsageError, parse_sector_size, parse_size};
 use crate::attach::{self, AttachOptions};
-use crate::registry::{DISK_FILE, Entry, Registry};
+use crate::registry::{DISK_FILE, Entry, FileId, Liveness, Registry};
 use format::{Column, LoopInfo, Style};
 
 /// Set up and control loop devices, as util-linux losetup does, with loopfuse attachments
@@ -353,7 +352,7 @@ fn execute(args: &LosetupArgs) -> super::CommandResult {
         Action::Show { file } => {
             let entries = match &file {
                 Some(file) => associated(&registry, file, args.offset)?,
-                None => registry.list()?,
+                None => live_entries(&registry)?,
             };
             print_entries(args, &entries, &columns);
             Ok(())
@@ -476,23 +475,37 @@ fn check_device_argument(entry: &Entry, device: &str) -> Result<(), String> {
     ))
 }
 
-/// Attachments of `file` (same inode, or same canonical path), with `offset` when given.
+/// Live attachments of `file`, with `offset` when given. As util-linux does, an attachment
+/// that knows the device and inode of its image matches by them alone, so a file put in
+/// place of a deleted image is not taken for it; an older one matches by path too.
 fn associated(
     registry: &Registry,
     file: &Path,
     offset: Option<u64>,
 ) -> Result<Vec<Entry>, crate::registry::RegistryError> {
-    let identity = std::fs::metadata(file).ok().map(|m| (m.dev(), m.ino()));
+    let identity = FileId::of(file);
     let canonical = std::fs::canonicalize(file).ok();
 
-    let entries = registry.list()?.into_iter().filter(|entry| {
+    let entries = live_entries(registry)?.into_iter().filter(|entry| {
         let image = &entry.state.image;
-        let same_inode = identity.is_some()
-            && std::fs::metadata(image).ok().map(|m| (m.dev(), m.ino())) == identity;
-        let same_path = canonical.as_deref() == Some(image.as_path());
-        (same_inode || same_path) && offset.is_none_or(|offset| entry.state.offset == offset)
+        let same_file = match entry.state.image_id {
+            Some(attached) => identity == Some(attached),
+            None => {
+                (identity.is_some() && FileId::of(image) == identity)
+                    || canonical.as_deref() == Some(image.as_path())
+            }
+        };
+        same_file && offset.is_none_or(|offset| entry.state.offset == offset)
     });
     Ok(entries.collect())
+}
+
+/// The attachments whose daemon is alive. One that died is no loop device any more, so
+/// listings leave it out; `-D` still detaches it, and `loopfuse list` shows it as stale.
+fn live_entries(registry: &Registry) -> Result<Vec<Entry>, crate::registry::RegistryError> {
+    let mut entries = registry.list()?;
+    entries.retain(|entry| entry.liveness == Liveness::Live);
+    Ok(entries)
 }
 
 #[cfg(test)]

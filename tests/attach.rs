@@ -609,6 +609,41 @@ fn cache_modes_write_identical_bytes() {
     sandbox.assert_clean();
 }
 
+/// A shared writable mapping of the device works in every cache mode, as on a block device,
+/// and its stores reach the image.
+#[test]
+fn shared_mapping_writes_reach_image() {
+    let Some(sandbox) = Sandbox::new("shared_mapping_writes_reach_image", &[]) else {
+        return;
+    };
+    let stored = pattern(8192, 12);
+
+    for mode in ["writethrough", "writeback", "none"] {
+        let image = sandbox.sparse_image(&format!("{mode}.img"), 4 * MIB);
+        let device = sandbox.attach(["--cache".as_ref(), mode.as_ref(), image.as_os_str()]);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&device)
+            .unwrap();
+        // SAFETY: no other process changes these bytes while the mapping exists.
+        let mut mapping = unsafe { memmap2::MmapOptions::new().len(16384).map_mut(&file) }
+            .unwrap_or_else(|error| panic!("cache mode {mode}: mmap failed: {error}"));
+        mapping[4096..4096 + stored.len()].copy_from_slice(&stored);
+        mapping.flush().unwrap();
+        drop(mapping);
+        drop(file);
+        sandbox.detach(&device);
+
+        let written = fs::read(&image).unwrap();
+        assert!(
+            written[4096..4096 + stored.len()] == stored[..],
+            "cache mode {mode}"
+        );
+    }
+    sandbox.assert_clean();
+}
+
 /// With write-back caching a write past the end is only reported by fsync, and nothing
 /// past the end reaches the image.
 #[test]

@@ -245,8 +245,12 @@ impl Filesystem for DeviceFs {
         }
         // Lets the kernel keep several direct I/O requests of one caller in flight at once.
         request_capability(config, InitFlags::FUSE_ASYNC_DIO);
-        if self.cache == CacheMode::Writeback {
-            request_capability(config, InitFlags::FUSE_WRITEBACK_CACHE);
+        match self.cache {
+            CacheMode::Writeback => request_capability(config, InitFlags::FUSE_WRITEBACK_CACHE),
+            // Without it, a shared mapping of a direct I/O file fails with ENODEV, where a
+            // block device allows one.
+            CacheMode::None => request_capability(config, InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP),
+            CacheMode::Writethrough => {}
         }
         // Room for readahead and asynchronous direct I/O requests in flight (kernel default 12).
         let _ = config.set_max_background(MAX_BACKGROUND);

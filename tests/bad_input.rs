@@ -60,6 +60,13 @@ fn missing_and_special_files_are_rejected() {
     let empty = sandbox.image_with("empty.img", &[]);
 
     attach_rejected(&sandbox, &[], &sandbox.path("missing.img"), &["not found"]);
+    let in_missing_directory = sandbox.path("no-directory/missing.img");
+    attach_rejected(
+        &sandbox,
+        &[],
+        &in_missing_directory,
+        &["not found", "no-directory does not exist"],
+    );
     attach_rejected(&sandbox, &[], &directory, &["is a directory"]);
     attach_rejected(&sandbox, &[], &fifo, &["is a FIFO"]);
     attach_rejected(&sandbox, &[], &socket_path, &["is a socket"]);

@@ -31,6 +31,9 @@ pub enum ImageError {
     #[error("{}: image file not found (check the path, or create one with 'truncate -s 1G {}')", path.display(), path.display())]
     NotFound { path: PathBuf },
 
+    #[error("{}: image file not found: its directory {} does not exist (check the path)", path.display(), directory.display())]
+    DirectoryNotFound { path: PathBuf, directory: PathBuf },
+
     #[error("{}: cannot open the image", path.display())]
     Open { path: PathBuf, source: io::Error },
 
@@ -142,7 +145,15 @@ fn open_file(path: &Path, access: Access) -> Result<File, ImageError> {
 }
 
 fn open_error(path: &Path, source: io::Error) -> ImageError {
-    if source.kind() == io::ErrorKind::NotFound {
+    let missing_directory = path
+        .parent()
+        .filter(|directory| !directory.as_os_str().is_empty() && !directory.is_dir());
+    if let (io::ErrorKind::NotFound, Some(directory)) = (source.kind(), missing_directory) {
+        ImageError::DirectoryNotFound {
+            path: path.to_path_buf(),
+            directory: directory.to_path_buf(),
+        }
+    } else if source.kind() == io::ErrorKind::NotFound {
         ImageError::NotFound {
             path: path.to_path_buf(),
         }

@@ -227,12 +227,12 @@ fn overlay_punch_through_partition_reads_zeroes() {
         .open(device.with_file_name("p2"))
         .unwrap();
     let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    fallocate(p2.as_fd(), punch, (MIB + 1000) as i64, (3 * MIB) as i64).unwrap();
+    fallocate(p2.as_fd(), punch, (MIB + 1024) as i64, (3 * MIB) as i64).unwrap();
     p2.sync_all().unwrap();
     drop(p2);
 
     let mut expected = fs::read(&image).unwrap();
-    let start = (p2_start + MIB + 1000) as usize;
+    let start = (p2_start + MIB + 1024) as usize;
     expected[start..start + 3 * MIB as usize].fill(0);
     let seen = fs::read(&device).unwrap();
     let differing = seen.iter().zip(&expected).position(|(a, b)| a != b);

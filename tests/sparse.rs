@@ -275,3 +275,87 @@ fn punch_through_p2_frees_only_its_range() {
     assert_eq!(allocated_before - allocated(&image), 2 * MIB + 4096);
     sandbox.assert_clean();
 }
+
+/// `fallocate` on a device file returns the errors of a block device and changes the same
+/// bytes: ranges past the end without KEEP_SIZE, ranges that start at the end, ranges not
+/// aligned to sectors and plain allocation are rejected with nothing changed. As root the
+/// kernel loop driver is the oracle; otherwise the block device rules it follows are.
+#[test]
+fn fallocate_matches_block_device_rules() {
+    let test = "fallocate_matches_block_device_rules";
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let keep = FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | keep;
+    let zero = FallocateFlags::FALLOC_FL_ZERO_RANGE;
+    let none = FallocateFlags::empty();
+    let size = 10 * MIB;
+    // (offset, length, mode, the errno a block device returns)
+    let cases = [
+        (8 * MIB, 5 * MIB, zero, Some(libc::EINVAL)),
+        (100, 200, punch, Some(libc::EINVAL)),
+        (1000, 3000, zero, Some(libc::EINVAL)),
+        (size, MIB, punch, Some(libc::EINVAL)),
+        (9 * MIB, 5 * MIB, none, Some(libc::EINVAL)),
+        (0, 64 * MIB, none, Some(libc::EINVAL)),
+        (0, MIB, none, Some(libc::EOPNOTSUPP)),
+        (0, MIB, keep, Some(libc::EOPNOTSUPP)),
+        (MIB, 512, punch, None),
+        (2 * MIB, MIB, zero, None),
+        (9 * MIB, 4 * MIB, zero | keep, None),
+    ];
+    let original = pattern(size as usize, 13);
+
+    let run_cases = |device: &Path| -> Vec<Option<i32>> {
+        let file = OpenOptions::new().write(true).open(device).unwrap();
+        let errors = cases
+            .iter()
+            .map(|&(offset, length, mode, _)| {
+                fallocate(file.as_fd(), mode, offset as i64, length as i64)
+                    .err()
+                    .map(|errno| errno as i32)
+            })
+            .collect();
+        file.sync_all().unwrap();
+        // A block device's st_size is 0, so the size comes from SEEK_END.
+        let end = lseek(file.as_fd(), 0, Whence::SeekEnd).unwrap();
+        assert_eq!(end as u64, size, "the size changed");
+        errors
+    };
+
+    let fuse_image = sandbox.image_with("fuse.img", &original);
+    for cache in ["writethrough", "writeback"] {
+        fs::write(&fuse_image, &original).unwrap();
+        let device = sandbox.attach(["--cache".as_ref(), cache.as_ref(), fuse_image.as_os_str()]);
+        let errors = run_cases(&device);
+        sandbox.detach(&device);
+        let expected: Vec<_> = cases.iter().map(|case| case.3).collect();
+        assert_eq!(errors, expected, "cache mode {cache}");
+    }
+    let mut expected = original.clone();
+    expected[MIB as usize..MIB as usize + 512].fill(0);
+    expected[2 * MIB as usize..3 * MIB as usize].fill(0);
+    expected[9 * MIB as usize..].fill(0);
+    assert!(
+        fs::read(&fuse_image).unwrap() == expected,
+        "other bytes changed"
+    );
+
+    if is_root() && Path::new("/dev/loop-control").exists() && common::have_tool("losetup") {
+        let kernel_image = sandbox.image_with("kernel.img", &original);
+        let loop_device = kernel_loop(&kernel_image);
+        let errors = run_cases(Path::new(&loop_device.0));
+        drop(loop_device);
+        let expected: Vec<_> = cases.iter().map(|case| case.3).collect();
+        assert_eq!(
+            errors, expected,
+            "the kernel loop driver returns other errors"
+        );
+        assert!(
+            fs::read(&kernel_image).unwrap() == fs::read(&fuse_image).unwrap(),
+            "the kernel loop driver changed other bytes"
+        );
+    }
+    sandbox.assert_clean();
+}

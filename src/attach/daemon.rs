@@ -230,7 +230,8 @@ fn mount(options: &AttachOptions, registry: &Registry, name: &str) -> Result<Mou
         current_owner(),
         image_mtime(&image_path),
     )
-    .with_cache(options.cache);
+    .with_cache(options.cache)
+    .with_sector_size(options.sector_size);
     // Installed always, because `losetup -d` of a busy device turns autoclear on later.
     let (hooked, autoclear) =
         Autoclear::install(filesystem, devices.clone(), options.lifecycle.autoclear);

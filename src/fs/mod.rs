@@ -66,6 +66,8 @@ pub struct DeviceFs {
     owner: Owner,
     permissions: PermissionTable,
     read_only: bool,
+    /// Logical sector size of the devices, as `losetup -b` sets it.
+    sector_size: u32,
     /// Modification time shown for every file: the image's, fixed at attach time, so the
     /// kernel never finds a change that would make it drop its cached pages.
     mtime: SystemTime,
@@ -95,8 +97,15 @@ impl DeviceFs {
             owner,
             permissions: PermissionTable::new(owner, read_only),
             read_only,
+            sector_size: 512,
             mtime,
         }
+    }
+
+    /// Sets the logical sector size, to which `fallocate` ranges must be aligned.
+    pub fn with_sector_size(mut self, sector_size: u32) -> Self {
+        self.sector_size = sector_size;
+        self
     }
 
     /// Sets how the kernel caches the device files' data.
@@ -590,7 +599,8 @@ impl Filesystem for DeviceFs {
             Err(errno) => return reply.error(errno),
         };
 
-        match fallocate_device(file.entry.device.as_ref(), offset, length, mode) {
+        let device = file.entry.device.as_ref();
+        match fallocate_device(device, self.sector_size, offset, length, mode) {
             Ok(()) => {
                 file.record_write(offset, length);
                 reply.ok()

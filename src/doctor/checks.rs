@@ -67,13 +67,13 @@ pub(super) fn run_all() -> Report {
         )
     };
     // What the container needs is listed only where it can be the cause: when /dev/fuse is
-    // missing or a trial mount failed. A device that exists but cannot be opened gets its
-    // fix from its own check.
+    // missing or a trial mount failed. A device that exists but cannot be opened, and an
+    // unusable fusermount3 (no_new_privs, say), get their fixes from their own checks.
     if let Some(container) = &container {
         let device_present = Path::new(FUSE_DEVICE).exists();
         let line = if direct.verdict == Verdict::Ok {
             Some(container.summary_when_working())
-        } else if device_present && !device_ok {
+        } else if (device_present && !device_ok) || (device_ok && !helper_ok) {
             Some(container.name())
         } else {
             None

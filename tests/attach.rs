@@ -302,8 +302,8 @@ fn device_files_follow_chmod_and_chown() {
         |path: &std::path::Path| fs::metadata(path).unwrap().permissions().mode() & 0o7777;
     assert_eq!(mode_of(&device), 0o600);
 
-    fs::set_permissions(&device, fs::Permissions::from_mode(0o640)).unwrap();
-    assert_eq!(mode_of(&device), 0o640);
+    fs::set_permissions(&device, fs::Permissions::from_mode(0o4640)).unwrap();
+    assert_eq!(mode_of(&device), 0o4640);
 
     if is_root() {
         std::os::unix::fs::chown(&device, Some(65534), Some(65534)).unwrap();

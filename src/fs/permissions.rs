@@ -42,9 +42,8 @@ impl PermissionTable {
         changed.get(name).copied().unwrap_or(self.initial)
     }
 
-    /// Applies a `chmod` (`mode`) or `chown` (`uid`, `gid`) to the device file `name`.
-    /// Only the permission bits of `mode` are kept: set-user-ID and the like mean nothing
-    /// on a device file of a `nosuid` mount.
+    /// Applies a `chmod` (`mode`) or `chown` (`uid`, `gid`) to the device file `name`. The
+    /// set-user-ID, set-group-ID and sticky bits are kept, as a device node keeps them.
     pub fn change(&self, name: &str, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) {
         let mut changed = self
             .changed
@@ -52,7 +51,7 @@ impl PermissionTable {
             .unwrap_or_else(|error| error.into_inner());
         let permissions = changed.entry(name.to_string()).or_insert(self.initial);
         if let Some(mode) = mode {
-            permissions.perm = (mode & 0o777) as u16;
+            permissions.perm = (mode & 0o7777) as u16;
         }
         if let Some(uid) = uid {
             permissions.uid = uid;
@@ -76,10 +75,10 @@ mod tests {
             },
             false,
         );
-        table.change("p1", Some(0o100640), None, Some(6));
+        table.change("p1", Some(0o104640), None, Some(6));
 
         let changed = FilePermissions {
-            perm: 0o640,
+            perm: 0o4640,
             uid: 1000,
             gid: 6,
         };

@@ -60,6 +60,14 @@ fn missing_and_special_files_are_rejected() {
     let empty = sandbox.image_with("empty.img", &[]);
 
     attach_rejected(&sandbox, &[], &sandbox.path("missing.img"), &["not found"]);
+    let dangling = sandbox.path("dangling.img");
+    std::os::unix::fs::symlink("no-directory/missing.img", &dangling).unwrap();
+    attach_rejected(
+        &sandbox,
+        &[],
+        &dangling,
+        &["symbolic link to no-directory/missing.img"],
+    );
     let in_missing_directory = sandbox.path("no-directory/missing.img");
     attach_rejected(
         &sandbox,
@@ -114,6 +122,15 @@ fn non_utf8_names_in_mount_and_losetup() {
         ),
         (
             vec!["losetup".as_ref(), "-f".as_ref(), not_utf8.as_os_str()],
+            &not_utf8,
+        ),
+        (
+            vec![
+                "attach".as_ref(),
+                "--pidfile".as_ref(),
+                not_utf8.as_os_str(),
+                image.as_os_str(),
+            ],
             &not_utf8,
         ),
     ];

@@ -612,3 +612,42 @@ fn detach_removes_dead_daemons_pidfile() {
     assert!(!pidfile.exists(), "PID file left behind");
     sandbox.assert_clean();
 }
+
+/// A new file put where an attached image was deleted is another file, as for the kernel
+/// loop driver: errors and `detach IMAGE` name the attachment of the new file.
+#[test]
+fn replaced_image_is_another_file() {
+    let Some(sandbox) = Sandbox::new("replaced_image_is_another_file", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    let first = sandbox.attach([image.as_os_str()]);
+    fs::remove_file(&image).unwrap();
+    sandbox.sparse_image("disk.img", 8 * MIB);
+
+    let mut command = sandbox.loopfuse(["detach"]);
+    let output = command.arg(&image).output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "detached the deleted file's attachment"
+    );
+    assert_eq!(sandbox.list().len(), 1);
+
+    sandbox.attach([image.as_os_str()]);
+    let mut command = sandbox.loopfuse(["attach"]);
+    let output = command.arg(&image).output().unwrap();
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("as loop1"), "{stderr}");
+
+    sandbox.detach(image.as_os_str());
+    assert_eq!(
+        sandbox.list().len(),
+        1,
+        "detach IMAGE took the wrong attachment"
+    );
+    assert_eq!(sandbox.list()[0]["name"], "loop0");
+    sandbox.detach(&first);
+    sandbox.assert_clean();
+}

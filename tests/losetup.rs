@@ -304,6 +304,10 @@ fn losetup_rejects_non_device_arguments() {
             "it is a partition of loop0",
         ),
         (image.display().to_string(), "it is the image of loop0"),
+        (
+            directory.display().to_string(),
+            "it is the directory of loop0",
+        ),
     ];
     for (argument, expected) in &arguments {
         for args in [vec![argument.as_str()], vec!["-d", argument.as_str()]] {
@@ -326,8 +330,8 @@ fn losetup_rejects_non_device_arguments() {
     sandbox.assert_clean();
 }
 
-/// Listings follow the attached file, as the kernel keeps its device and inode: a deleted
-/// image shows as `(deleted)`, a new file at its path is not taken for it, and a device
+/// Listings follow the attached file as the kernel does: a renamed image shows its new
+/// name, a deleted one `(deleted)`, a new file at its path is not taken for it, and a device
 /// whose daemon died is left out.
 #[test]
 fn losetup_lists_attached_file_and_live_devices() {
@@ -341,10 +345,19 @@ fn losetup_lists_attached_file_and_live_devices() {
     let device = losetup(&sandbox, &["-f", "--show", image_path]);
     let device = device.trim();
 
-    fs::remove_file(&image).unwrap();
+    let renamed = sandbox.path("renamed.img");
+    fs::rename(&image, &renamed).unwrap();
+    let listed = losetup(&sandbox, &["-a"]);
+    let renamed_path = renamed.to_str().unwrap();
+    assert!(
+        listed.contains(&format!(":{inode} ({renamed_path})")),
+        "{listed}"
+    );
+
+    fs::remove_file(&renamed).unwrap();
     let listed = losetup(&sandbox, &["-a"]);
     assert!(
-        listed.contains(&format!(":{inode} ({image_path} (deleted))")),
+        listed.contains(&format!(":{inode} ({renamed_path} (deleted))")),
         "{listed}"
     );
 
@@ -357,6 +370,9 @@ fn losetup_lists_attached_file_and_live_devices() {
         losetup(&sandbox, &["-a"]).is_empty()
     });
     assert!(gone, "a device whose daemon died is still listed");
+    let mut command = sandbox.loopfuse(["losetup"]);
+    let output = command.arg(device).output().unwrap();
+    assert_eq!(output.status.code(), Some(1), "a dead device is shown");
 
     losetup(&sandbox, &["-d", device]);
     sandbox.assert_clean();

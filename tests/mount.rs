@@ -722,23 +722,29 @@ fn two_partitions_mount_at_once() {
     fs::write(first.join("one.txt"), "one").unwrap();
     fs::write(second.join("two.txt"), "two").unwrap();
 
-    // A second driver on a mounted filesystem would corrupt it.
+    // A second driver on a mounted filesystem would corrupt it. Read-only needs another
+    // attachment, which the image lock refuses.
     let third = sandbox.path("third");
     fs::create_dir(&third).unwrap();
-    let mut again = sandbox.loopfuse(["mount"]);
-    let output = again
-        .arg(format!("{image_name}:1"))
-        .arg(&third)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("already mounted on"), "{stderr}");
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        !mountinfo.contains(third.to_str().unwrap()),
-        "mounted twice"
-    );
+    let source = format!("{image_name}:1");
+    let cases = [
+        (vec!["mount", source.as_str()], "already mounted on"),
+        (
+            vec!["mount", "-o", "ro", source.as_str()],
+            "in use by the mount on",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = sandbox.loopfuse(&args).arg(&third).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mountinfo.contains(third.to_str().unwrap()),
+            "mounted twice"
+        );
+    }
 
     umount(&sandbox, &first);
     assert_eq!(fs::read_to_string(second.join("two.txt")).unwrap(), "two");

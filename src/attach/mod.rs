@@ -77,7 +77,7 @@ pub enum AttachError {
     #[error(transparent)]
     Overlay(#[from] OverlayError),
 
-    #[error("{}: file names that are not valid UTF-8 are not supported; rename the file", path.display())]
+    #[error("{}: file names that are not valid UTF-8 are not supported; rename it, or use another name", path.display())]
     NotUtf8 { path: PathBuf },
 
     #[error("{}: offset {offset} is at or past the end of the image ({len} bytes); give a smaller --offset", path.display())]

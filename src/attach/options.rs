@@ -130,7 +130,8 @@ pub fn device_range(
 pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u64), AttachError> {
     let info = image::probe(&options.image)?;
     // The registry stores paths in JSON, which holds only UTF-8.
-    for path in [Some(&info.path), options.overlay.as_ref()]
+    let pidfile = options.lifecycle.pidfile.as_ref();
+    for path in [Some(&info.path), options.overlay.as_ref(), pidfile]
         .into_iter()
         .flatten()
     {
@@ -216,7 +217,7 @@ fn explain_lock_conflict(error: ImageError, registry: &Registry) -> AttachError 
     let holder = registry.list().ok().and_then(|entries| {
         entries
             .into_iter()
-            .find(|entry| &entry.state.image == path || entry.state.overlay.as_ref() == Some(path))
+            .find(|entry| entry.is_image(path) || entry.state.overlay.as_ref() == Some(path))
     });
 
     match holder {
@@ -224,7 +225,7 @@ fn explain_lock_conflict(error: ImageError, registry: &Registry) -> AttachError 
             path: path.clone(),
             // An image under an overlay is opened read-only, whatever the device allows.
             read_only: entry.state.read_only
-                || (&entry.state.image == path && entry.state.overlay.is_some()),
+                || (entry.is_image(path) && entry.state.overlay.is_some()),
             name: entry.state.name,
         },
         None => error.into(),

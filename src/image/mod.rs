@@ -34,6 +34,9 @@ pub enum ImageError {
     #[error("{}: image file not found: its directory {} does not exist (check the path)", path.display(), directory.display())]
     DirectoryNotFound { path: PathBuf, directory: PathBuf },
 
+    #[error("{}: image file not found: it is a symbolic link to {}, which does not exist (check the link)", path.display(), target.display())]
+    DanglingLink { path: PathBuf, target: PathBuf },
+
     #[error("{}: cannot open the image", path.display())]
     Open { path: PathBuf, source: io::Error },
 
@@ -106,10 +109,15 @@ pub fn check_unlocked(path: &Path, access: Access) -> Result<(), ImageError> {
 /// Returns whether this user may not write to `path` because of its permissions or a
 /// read-only filesystem: the two cases in which losetup sets up a read-only device instead.
 pub fn is_write_protected(path: &Path) -> bool {
-    matches!(
-        nix::unistd::access(path, nix::unistd::AccessFlags::W_OK),
-        Err(nix::errno::Errno::EACCES | nix::errno::Errno::EROFS)
-    )
+    use nix::unistd::{AccessFlags, access};
+    // EACCES also comes from a directory on the path that this user may not search. Such a
+    // file cannot be reached at all, so opening it reports the real error.
+    let reachable = access(path, AccessFlags::F_OK).is_ok();
+    reachable
+        && matches!(
+            access(path, AccessFlags::W_OK),
+            Err(nix::errno::Errno::EACCES | nix::errno::Errno::EROFS)
+        )
 }
 
 fn lock(file: File, path: &Path, access: Access) -> Result<Flock<File>, ImageError> {
@@ -148,7 +156,13 @@ fn open_error(path: &Path, source: io::Error) -> ImageError {
     let missing_directory = path
         .parent()
         .filter(|directory| !directory.as_os_str().is_empty() && !directory.is_dir());
-    if let (io::ErrorKind::NotFound, Some(directory)) = (source.kind(), missing_directory) {
+    let dangling_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if source.kind() == io::ErrorKind::NotFound && dangling_link {
+        ImageError::DanglingLink {
+            path: path.to_path_buf(),
+            target: std::fs::read_link(path).unwrap_or_default(),
+        }
+    } else if let (io::ErrorKind::NotFound, Some(directory)) = (source.kind(), missing_directory) {
         ImageError::DirectoryNotFound {
             path: path.to_path_buf(),
             directory: directory.to_path_buf(),

@@ -86,6 +86,12 @@ pub enum MountError {
         directory: PathBuf,
     },
 
+    #[error("{source_name}: the image is in use by the mount on {}, with other options; use that directory, or 'loopfuse umount' it first", directory.display())]
+    ImageMounted {
+        source_name: String,
+        directory: PathBuf,
+    },
+
     #[error("{source_name}: no partition {partition} ({found})")]
     NoPartition {
         source_name: String,
@@ -249,7 +255,8 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
     let reused = find_mount_attachment(registry, &attach_options);
     let mut attached = match &reused {
         Some(attached) => attached.clone(),
-        None => attach::attach(&attach_options, registry)?,
+        None => attach::attach(&attach_options, registry)
+            .map_err(|error| explain_mounted_image(error, registry, &source_name))?,
     };
     let mut guard = DetachOnDrop {
         registry,
@@ -295,7 +302,8 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         );
         drop(guard);
         attach_options = wanted;
-        attached = attach::attach(&attach_options, registry)?;
+        attached = attach::attach(&attach_options, registry)
+            .map_err(|error| explain_mounted_image(error, registry, &source_name))?;
         guard = DetachOnDrop {
             registry,
             name: Some(attached.name.clone()),
@@ -366,7 +374,7 @@ fn find_mount_attachment(registry: &Registry, options: &AttachOptions) -> Option
         let state = &entry.state;
         entry.liveness == crate::registry::Liveness::Live
             && !state.mounts.is_empty()
-            && std::fs::canonicalize(&state.image).ok().as_ref() == Some(&image)
+            && entry.is_image(&image)
             && state.offset == options.offset
             && state.sizelimit == options.sizelimit.unwrap_or(0)
             && state.read_only == options.read_only
@@ -386,6 +394,26 @@ fn find_mount_attachment(registry: &Registry, options: &AttachOptions) -> Option
         device: entry.device(),
         directory: entry.mountpoint.clone(),
     })
+}
+
+/// Turns an attach that failed because another attachment has the image into an error
+/// naming the directory, when that attachment serves a `loopfuse mount`: `loopfuse detach`,
+/// which the attach error suggests, refuses such an attachment.
+fn explain_mounted_image(error: AttachError, registry: &Registry, source_name: &str) -> MountError {
+    let AttachError::AlreadyAttached { name, .. } = &error else {
+        return error.into();
+    };
+    let mounted = registry.find(name).ok().and_then(|entry| {
+        let record = entry.state.mounts.first()?;
+        Some(record.directory.clone())
+    });
+    match mounted {
+        Some(directory) => MountError::ImageMounted {
+            source_name: source_name.to_string(),
+            directory,
+        },
+        None => error.into(),
+    }
 }
 
 /// Rejects a second writable mount of a filesystem that attachment `name` already serves:

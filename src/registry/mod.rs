@@ -177,6 +177,38 @@ impl Entry {
     pub fn device(&self) -> PathBuf {
         self.mountpoint.join(DISK_FILE)
     }
+
+    /// Returns whether the image of this attachment is the file at `path`. An entry that
+    /// recorded the image's device and inode matches by them alone, as the kernel loop
+    /// driver does, so a new file put where a deleted image was is another file. An older
+    /// entry matches by path, or by the numbers of the file now at its path.
+    pub fn is_image(&self, path: &Path) -> bool {
+        let found = FileId::of(path);
+        match self.state.image_id {
+            Some(attached) => found == Some(attached),
+            None => {
+                let image = &self.state.image;
+                (found.is_some() && FileId::of(image) == found)
+                    || path == image
+                    || fs::canonicalize(path).ok().as_ref() == Some(image)
+            }
+        }
+    }
+
+    /// Returns the image's path as the kernel reports a loop device's file: its current name
+    /// after a rename, with ` (deleted)` once removed. When the daemon cannot be asked (it
+    /// died), this is the path given at attach, marked deleted if another file is there now.
+    pub fn image_path_now(&self) -> PathBuf {
+        let attached = self.state.image_id;
+        if let Some(path) = attached.and_then(|id| self.state.pid.open_file_path(id)) {
+            return path;
+        }
+        let mut path = self.state.image.clone().into_os_string();
+        if attached.is_some() && FileId::of(&self.state.image) != attached {
+            path.push(" (deleted)");
+        }
+        path.into()
+    }
 }
 
 /// A reserved attachment name, released again unless [`Reservation::keep`] is called.
@@ -444,7 +476,6 @@ impl Registry {
     pub fn find(&self, query: &str) -> Result<Entry, RegistryError> {
         let entries = self.list()?;
         let query_path = std::path::absolute(query).unwrap_or_else(|_| PathBuf::from(query));
-        let canonical_query = fs::canonicalize(query).ok();
 
         let matches: Vec<Entry> = entries
             .into_iter()
@@ -452,8 +483,7 @@ impl Registry {
                 entry.state.name == query
                     || entry.mountpoint == query_path
                     || query_path.parent() == Some(entry.mountpoint.as_path())
-                    || entry.state.image == query_path
-                    || canonical_query.as_deref() == Some(entry.state.image.as_path())
+                    || entry.is_image(&query_path)
             })
             .collect();
 

@@ -1,8 +1,11 @@
 //! Identifying a process across PID reuse.
 
 use std::fs;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+use super::FileId;
 
 /// A process ID together with the process's start time, so that a recycled PID is not
 /// mistaken for the process that registered an attachment.
@@ -49,6 +52,23 @@ impl ProcessId {
         fs::read_dir(format!("/proc/{}/task", self.pid))
             .map(|threads| threads.count() > 1)
             .unwrap_or(false)
+    }
+}
+
+impl ProcessId {
+    /// Returns the path under which this process has a file with the numbers `id` open, as
+    /// the kernel names it: the file's current name after a rename, with ` (deleted)`
+    /// appended once it was removed. `None` when the process is gone or cannot be read.
+    pub fn open_file_path(&self, id: FileId) -> Option<PathBuf> {
+        if !self.is_running() {
+            return None;
+        }
+        let descriptors = fs::read_dir(format!("/proc/{}/fd", self.pid)).ok()?;
+        descriptors.flatten().find_map(|descriptor| {
+            let link = descriptor.path();
+            // stat follows the link to the open file itself, even a deleted one.
+            (FileId::of(&link) == Some(id)).then(|| fs::read_link(&link).ok())?
+        })
     }
 }
 

@@ -29,19 +29,13 @@ pub struct LoopInfo {
 impl LoopInfo {
     pub fn of(entry: &Entry) -> Self {
         let state = &entry.state;
-        let current = FileId::of(&state.image);
         // As the kernel reports it: the file attached, even when its name now leads to
         // another file or to none.
-        let attached = state.image_id.or(current);
-        let deleted = state.image_id.is_some() && current != state.image_id;
-        let mut back_file = state.image.display().to_string();
-        if deleted {
-            back_file.push_str(" (deleted)");
-        }
+        let attached = state.image_id.or_else(|| FileId::of(&state.image));
         let device = entry.device();
         Self {
             name: device.display().to_string(),
-            back_file,
+            back_file: entry.image_path_now().display().to_string(),
             back_device: attached.map(|id| id.device),
             back_inode: attached.map(|id| id.inode),
             device_number: std::fs::metadata(&device).ok().map(|m| m.dev()),

@@ -16,7 +16,7 @@ use clap::Args;
 
 use super::{UsageError, parse_sector_size, parse_size};
 use crate::attach::{self, AttachOptions};
-use crate::registry::{DISK_FILE, Entry, FileId, Liveness, Registry};
+use crate::registry::{DISK_FILE, Entry, Liveness, Registry};
 use format::{Column, LoopInfo, Style};
 
 /// Set up and control loop devices, as util-linux losetup does, with loopfuse attachments
@@ -360,6 +360,13 @@ fn execute(args: &LosetupArgs) -> super::CommandResult {
         Action::ShowOne { device } => {
             let entry = registry.find(&device)?;
             check_device_argument(&entry, &device)?;
+            if entry.liveness != Liveness::Live {
+                return Err(format!(
+                    "{device}: failed to use device: its daemon has exited; detach it with \
+                     'losetup -d {device}'"
+                )
+                .into());
+            }
             print_entries(args, &[entry], &columns);
             Ok(())
         }
@@ -455,19 +462,20 @@ fn detach_device(registry: &Registry, device: &str) -> super::CommandResult {
 }
 
 /// Rejects an argument that names the attachment `entry` but not as a device: a partition
-/// file (`p1`, `diskp1`) or the image. util-linux rejects `/dev/loop0p1` and image files
+/// file (`p1`, `diskp1`), its directory or the image. util-linux rejects `/dev/loop0p1` and image files
 /// where it expects a loop device, rather than acting on the disk they belong to.
 fn check_device_argument(entry: &Entry, device: &str) -> Result<(), String> {
     let path = std::path::absolute(device).unwrap_or_else(|_| PathBuf::from(device));
-    let names_device =
-        device == entry.state.name || path == entry.device() || path == entry.mountpoint;
-    if names_device {
+    if device == entry.state.name || path == entry.device() {
         return Ok(());
     }
-    let reason = if path.parent() == Some(entry.mountpoint.as_path()) {
-        format!("it is a partition of {}", entry.state.name)
+    let name = &entry.state.name;
+    let reason = if path == entry.mountpoint {
+        format!("it is the directory of {name}")
+    } else if path.parent() == Some(entry.mountpoint.as_path()) {
+        format!("it is a partition of {name}")
     } else {
-        format!("it is the image of {}", entry.state.name)
+        format!("it is the image of {name}")
     };
     Err(format!(
         "{device}: failed to use device: {reason}; use {}",
@@ -475,33 +483,20 @@ fn check_device_argument(entry: &Entry, device: &str) -> Result<(), String> {
     ))
 }
 
-/// Live attachments of `file`, with `offset` when given. As util-linux does, an attachment
-/// that knows the device and inode of its image matches by them alone, so a file put in
-/// place of a deleted image is not taken for it; an older one matches by path too.
+/// Live attachments of `file` (see [`Entry::is_image`]), with `offset` when given.
 fn associated(
     registry: &Registry,
     file: &Path,
     offset: Option<u64>,
 ) -> Result<Vec<Entry>, crate::registry::RegistryError> {
-    let identity = FileId::of(file);
-    let canonical = std::fs::canonicalize(file).ok();
-
     let entries = live_entries(registry)?.into_iter().filter(|entry| {
-        let image = &entry.state.image;
-        let same_file = match entry.state.image_id {
-            Some(attached) => identity == Some(attached),
-            None => {
-                (identity.is_some() && FileId::of(image) == identity)
-                    || canonical.as_deref() == Some(image.as_path())
-            }
-        };
-        same_file && offset.is_none_or(|offset| entry.state.offset == offset)
+        entry.is_image(file) && offset.is_none_or(|offset| entry.state.offset == offset)
     });
     Ok(entries.collect())
 }
 
-/// The attachments whose daemon is alive. One that died is no loop device any more, so
-/// listings leave it out; `-D` still detaches it, and `loopfuse list` shows it as stale.
+/// Returns the attachments whose daemon is alive. One that died is no loop device any more,
+/// so listings leave it out, while `-D` still detaches it and `loopfuse list` shows it.
 fn live_entries(registry: &Registry) -> Result<Vec<Entry>, crate::registry::RegistryError> {
     let mut entries = registry.list()?;
     entries.retain(|entry| entry.liveness == Liveness::Live);

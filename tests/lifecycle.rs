@@ -624,6 +624,8 @@ fn replaced_image_is_another_file() {
     let first = sandbox.attach([image.as_os_str()]);
     fs::remove_file(&image).unwrap();
     sandbox.sparse_image("disk.img", 8 * MIB);
+    let listed = sandbox.list()[0]["image"].as_str().unwrap().to_string();
+    assert_eq!(listed, format!("{} (deleted)", image.display()));
 
     let mut command = sandbox.loopfuse(["detach"]);
     let output = command.arg(&image).output().unwrap();
@@ -650,4 +652,61 @@ fn replaced_image_is_another_file() {
     assert_eq!(sandbox.list()[0]["name"], "loop0");
     sandbox.detach(&first);
     sandbox.assert_clean();
+}
+
+/// Paths through symbolic links and `..` reach the same attachment. With a runtime directory
+/// given through a link, detach used to look for the mount under the link's name and wait
+/// 120 s for a daemon that was never told to stop. Device paths may contain `..` or links.
+#[test]
+fn linked_paths_reach_attachment() {
+    let Some(sandbox) = Sandbox::new("linked_paths_reach_attachment", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    let linked_runtime = sandbox.path("run-link");
+    std::os::unix::fs::symlink(sandbox.path("run"), &linked_runtime).unwrap();
+    let through_link = |args: &[&std::ffi::OsStr]| {
+        let mut command = sandbox.loopfuse(args);
+        command.env("XDG_RUNTIME_DIR", &linked_runtime);
+        command
+    };
+
+    let output = through_link(&["attach".as_ref(), image.as_os_str()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let device = PathBuf::from(String::from_utf8(output.stdout).unwrap().trim());
+    assert!(
+        device.starts_with(sandbox.path("run")),
+        "{}",
+        device.display()
+    );
+
+    let mut detach = through_link(&["detach".as_ref(), "loop0".as_ref()])
+        .spawn()
+        .unwrap();
+    let exited = wait_until(Duration::from_secs(20), || {
+        detach.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = detach.kill();
+    }
+    assert!(exited, "detach through a linked runtime directory hangs");
+    assert!(detach.wait().unwrap().success());
+    sandbox.assert_clean();
+
+    // A device path with `..` in it, and one through a link to the device's directory.
+    let linked_directory = sandbox.path("device-link");
+    for attempt in 0..2 {
+        let device = sandbox.attach([image.as_os_str()]);
+        let directory = device.parent().unwrap();
+        let target = if attempt == 0 {
+            directory.join("../loop0/disk")
+        } else {
+            std::os::unix::fs::symlink(directory, &linked_directory).unwrap();
+            linked_directory.join("disk")
+        };
+        sandbox.detach(&target);
+        sandbox.assert_clean();
+    }
 }

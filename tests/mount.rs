@@ -486,6 +486,22 @@ fn iso9660_mounts_read_only_with_same_tree() {
 }
 
 /// Runs `loopfuse mount` expecting a failure; returns its standard error.
+/// Asserts that `loopfuse ARGS DIRECTORY` fails with every fragment of `expected` in its
+/// error and leaves `directory` unmounted.
+fn mount_rejected(sandbox: &Sandbox, args: &[&str], directory: &Path, expected: &[&str]) {
+    let output = sandbox.loopfuse(args).arg(directory).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+    for fragment in expected {
+        assert!(stderr.contains(fragment), "{args:?}: {stderr}");
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mountinfo.contains(directory.to_str().unwrap()),
+        "mounted twice"
+    );
+}
+
 fn mount_fails(sandbox: &Sandbox, args: &[&std::ffi::OsStr]) -> String {
     let mut command = sandbox.loopfuse(["mount"]);
     command.args(args);
@@ -722,29 +738,26 @@ fn two_partitions_mount_at_once() {
     fs::write(first.join("one.txt"), "one").unwrap();
     fs::write(second.join("two.txt"), "two").unwrap();
 
-    // A second driver on a mounted filesystem would corrupt it. Read-only needs another
-    // attachment, which the image lock refuses.
+    // A second driver on a mounted filesystem would corrupt it, read-only or not.
     let third = sandbox.path("third");
     fs::create_dir(&third).unwrap();
     let source = format!("{image_name}:1");
-    let cases = [
-        (vec!["mount", source.as_str()], "already mounted on"),
-        (
-            vec!["mount", "-o", "ro", source.as_str()],
-            "in use by the mount on",
-        ),
-    ];
-    for (args, expected) in cases {
-        let output = sandbox.loopfuse(&args).arg(&third).output().unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(expected), "{stderr}");
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(
-            !mountinfo.contains(third.to_str().unwrap()),
-            "mounted twice"
-        );
-    }
+    let first_name = first.to_str().unwrap();
+    let second_name = second.to_str().unwrap();
+    let read_write = vec!["mount", source.as_str()];
+    let read_only = vec!["mount", "-o", "ro", source.as_str()];
+    mount_rejected(
+        &sandbox,
+        &read_write,
+        &third,
+        &["already mounted on", first_name],
+    );
+    mount_rejected(
+        &sandbox,
+        &read_only,
+        &third,
+        &["already mounted on", first_name],
+    );
 
     umount(&sandbox, &first);
     assert_eq!(fs::read_to_string(second.join("two.txt")).unwrap(), "two");
@@ -753,6 +766,9 @@ fn two_partitions_mount_at_once() {
         1,
         "the second mount keeps the attachment"
     );
+    // Read-only needs another attachment of the image, which the lock refuses.
+    let expected = ["attached for the mount on", second_name];
+    mount_rejected(&sandbox, &read_only, &third, &expected);
     umount(&sandbox, &second);
     sandbox.assert_clean();
 

@@ -65,7 +65,7 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
     ListedAttachment {
         name: &entry.state.name,
         device: entry.device().display().to_string(),
-        image: entry.state.image.display().to_string(),
+        image: entry.image_path_now().display().to_string(),
         offset: entry.state.offset,
         size: entry.state.size,
         sizelimit: entry.state.sizelimit,

@@ -86,7 +86,7 @@ pub enum MountError {
         directory: PathBuf,
     },
 
-    #[error("{source_name}: the image is in use by the mount on {}, with other options; use that directory, or 'loopfuse umount' it first", directory.display())]
+    #[error("{source_name}: the image is attached for the mount on {} with other options (read-only, offset, size limit or sector size), and cannot be attached twice; mount with the same options, or 'loopfuse umount' it first", directory.display())]
     ImageMounted {
         source_name: String,
         directory: PathBuf,
@@ -255,8 +255,9 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
     let reused = find_mount_attachment(registry, &attach_options);
     let mut attached = match &reused {
         Some(attached) => attached.clone(),
-        None => attach::attach(&attach_options, registry)
-            .map_err(|error| explain_mounted_image(error, registry, &source_name))?,
+        None => attach::attach(&attach_options, registry).map_err(|error| {
+            explain_mounted_image(error, registry, options.partition, &source_name)
+        })?,
     };
     let mut guard = DetachOnDrop {
         registry,
@@ -302,8 +303,9 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         );
         drop(guard);
         attach_options = wanted;
-        attached = attach::attach(&attach_options, registry)
-            .map_err(|error| explain_mounted_image(error, registry, &source_name))?;
+        attached = attach::attach(&attach_options, registry).map_err(|error| {
+            explain_mounted_image(error, registry, options.partition, &source_name)
+        })?;
         guard = DetachOnDrop {
             registry,
             name: Some(attached.name.clone()),
@@ -397,20 +399,32 @@ fn find_mount_attachment(registry: &Registry, options: &AttachOptions) -> Option
 }
 
 /// Turns an attach that failed because another attachment has the image into an error
-/// naming the directory, when that attachment serves a `loopfuse mount`: `loopfuse detach`,
-/// which the attach error suggests, refuses such an attachment.
-fn explain_mounted_image(error: AttachError, registry: &Registry, source_name: &str) -> MountError {
+/// naming a directory, when that attachment serves a `loopfuse mount`: `loopfuse detach`,
+/// which the attach error suggests, refuses such an attachment. The mount of the same
+/// partition is named if there is one, and otherwise the mount that took other options.
+fn explain_mounted_image(
+    error: AttachError,
+    registry: &Registry,
+    partition: Option<u32>,
+    source_name: &str,
+) -> MountError {
     let AttachError::AlreadyAttached { name, .. } = &error else {
         return error.into();
     };
-    let mounted = registry.find(name).ok().and_then(|entry| {
-        let record = entry.state.mounts.first()?;
-        Some(record.directory.clone())
-    });
-    match mounted {
-        Some(directory) => MountError::ImageMounted {
-            source_name: source_name.to_string(),
-            directory,
+    let Some(mounts) = registry.find(name).ok().map(|entry| entry.state.mounts) else {
+        return error.into();
+    };
+    let source_name = source_name.to_string();
+    if let Some(record) = mounts.iter().find(|record| record.partition == partition) {
+        return MountError::MountedElsewhere {
+            source_name,
+            directory: record.directory.clone(),
+        };
+    }
+    match mounts.first() {
+        Some(record) => MountError::ImageMounted {
+            source_name,
+            directory: record.directory.clone(),
         },
         None => error.into(),
     }

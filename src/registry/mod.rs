@@ -257,6 +257,7 @@ impl Registry {
         if !root.exists() {
             return Ok(Self { root });
         }
+        let root = resolve_path(&root);
         check_private(&root)?;
         Ok(Self { root })
     }
@@ -276,6 +277,9 @@ impl Registry {
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
             Err(source) => return Err(RegistryError::CreateRoot { path: root, source }),
         }
+        // Mount points must be named as the mount table names them, without symbolic links,
+        // or detach would not find its mount there.
+        let root = resolve_path(&root);
         check_private(&root)?;
 
         Ok(Self { root })
@@ -475,7 +479,7 @@ impl Registry {
     /// inside it (`.../loop0/disk`, `.../loop0/p1`), or the image it serves.
     pub fn find(&self, query: &str) -> Result<Entry, RegistryError> {
         let entries = self.list()?;
-        let query_path = std::path::absolute(query).unwrap_or_else(|_| PathBuf::from(query));
+        let query_path = resolve_path(Path::new(query));
 
         let matches: Vec<Entry> = entries
             .into_iter()
@@ -542,6 +546,30 @@ impl Registry {
 
         Flock::lock(directory, FlockArg::LockExclusive)
             .map_err(|(_, errno)| io_error(io::Error::from(errno)))
+    }
+}
+
+/// Returns `path` made absolute, with symbolic links, `.` and `..` resolved as far as it
+/// exists. The rest is appended as given, so a device file of an attachment whose daemon
+/// died (which cannot be resolved, ENOTCONN) still gets its mount point's real path.
+pub fn resolve_path(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut base = absolute.as_path();
+    loop {
+        if let Ok(resolved) = fs::canonicalize(base) {
+            return rest
+                .iter()
+                .rev()
+                .fold(resolved, |path, name| path.join(name));
+        }
+        match (base.parent(), base.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                base = parent;
+            }
+            _ => return absolute,
+        }
     }
 }
 

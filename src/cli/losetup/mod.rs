@@ -16,7 +16,7 @@ use clap::Args;
 
 use super::{UsageError, parse_sector_size, parse_size};
 use crate::attach::{self, AttachOptions};
-use crate::registry::{DISK_FILE, Entry, Liveness, Registry};
+use crate::registry::{DISK_FILE, Entry, Liveness, Registry, resolve_path};
 use format::{Column, LoopInfo, Style};
 
 /// Set up and control loop devices, as util-linux losetup does, with loopfuse attachments
@@ -465,7 +465,7 @@ fn detach_device(registry: &Registry, device: &str) -> super::CommandResult {
 /// file (`p1`, `diskp1`), its directory or the image. util-linux rejects `/dev/loop0p1` and image files
 /// where it expects a loop device, rather than acting on the disk they belong to.
 fn check_device_argument(entry: &Entry, device: &str) -> Result<(), String> {
-    let path = std::path::absolute(device).unwrap_or_else(|_| PathBuf::from(device));
+    let path = resolve_path(Path::new(device));
     if device == entry.state.name || path == entry.device() {
         return Ok(());
     }

@@ -68,6 +68,11 @@ fn missing_and_special_files_are_rejected() {
         &dangling,
         &["symbolic link to no-directory/missing.img"],
     );
+    // Through a chain of links, the error names the target that is missing.
+    let chained = sandbox.path("chained.img");
+    std::os::unix::fs::symlink("dangling.img", &chained).unwrap();
+    let missing = "no-directory/missing.img, which does not exist";
+    attach_rejected(&sandbox, &[], &chained, &[missing]);
     let in_missing_directory = sandbox.path("no-directory/missing.img");
     attach_rejected(
         &sandbox,

@@ -160,7 +160,7 @@ fn open_error(path: &Path, source: io::Error) -> ImageError {
     if source.kind() == io::ErrorKind::NotFound && dangling_link {
         ImageError::DanglingLink {
             path: path.to_path_buf(),
-            target: std::fs::read_link(path).unwrap_or_default(),
+            target: missing_link_target(path),
         }
     } else if let (io::ErrorKind::NotFound, Some(directory)) = (source.kind(), missing_directory) {
         ImageError::DirectoryNotFound {
@@ -177,6 +177,26 @@ fn open_error(path: &Path, source: io::Error) -> ImageError {
             source,
         }
     }
+}
+
+/// Follows a chain of symbolic links from `path` and returns the target that is missing. A
+/// relative target is shown as the link gives it when it is the first one, and joined to
+/// its link's directory further down the chain.
+fn missing_link_target(path: &Path) -> PathBuf {
+    const MAX_LINKS: usize = 40;
+    let mut link = path.to_path_buf();
+    let mut shown = std::fs::read_link(path).unwrap_or_default();
+    for _ in 0..MAX_LINKS {
+        let Ok(target) = std::fs::read_link(&link) else {
+            break;
+        };
+        let next = link.parent().unwrap_or(Path::new("")).join(&target);
+        if link != path {
+            shown = next.clone();
+        }
+        link = next;
+    }
+    shown
 }
 
 fn check_file_type(path: &Path, file_type: &std::fs::FileType) -> Result<(), ImageError> {

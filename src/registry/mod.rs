@@ -253,11 +253,11 @@ impl Registry {
     /// Opens the registry of the current user without creating anything: a registry that
     /// does not exist yet simply lists no attachments.
     pub fn for_current_user() -> Result<Self, RegistryError> {
-        let root = default_root();
+        // Resolved as in `at`, also before the directory exists: a later attach creates it.
+        let root = resolve_path(&default_root());
         if !root.exists() {
             return Ok(Self { root });
         }
-        let root = resolve_path(&root);
         check_private(&root)?;
         Ok(Self { root })
     }

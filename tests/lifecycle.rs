@@ -710,3 +710,43 @@ fn linked_paths_reach_attachment() {
         sandbox.assert_clean();
     }
 }
+
+/// `detach --all` while another process is still attaching waits for that attachment and
+/// detaches it. Removing its entry at once left the new daemon serving, mounted and holding
+/// the image lock, where no loopfuse command could see or stop it.
+#[test]
+fn detach_all_during_attach_leaks_nothing() {
+    let Some(sandbox) = Sandbox::new("detach_all_during_attach_leaks_nothing", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+
+    for round in 0..10 {
+        let mut attach = sandbox.loopfuse(["attach".as_ref(), image.as_os_str()]);
+        let attaching = attach
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(round));
+        let detach = sandbox.loopfuse(["detach", "--all"]).output().unwrap();
+        let attach_status = attaching.wait_with_output().unwrap().status;
+
+        // Whatever the order, nothing may stay mounted without an entry.
+        if !sandbox.list().is_empty() {
+            sandbox.detach("loop0");
+        }
+        assert_eq!(
+            sandbox.mounts(),
+            Vec::<String>::new(),
+            "round {round}: mount leaked"
+        );
+        assert!(
+            detach.status.success(),
+            "round {round}: {}",
+            stderr_of(&detach)
+        );
+        assert!(attach_status.success(), "round {round}: attach failed");
+    }
+    sandbox.assert_clean();
+}

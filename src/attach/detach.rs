@@ -66,6 +66,9 @@ pub enum DetachError {
         source: nix::errno::Errno,
     },
 
+    #[error("{name}: still being attached after {} s; detach it again once 'loopfuse list' shows it attached", START_TIMEOUT.as_secs())]
+    StillStarting { name: String },
+
     #[error("{failed} of {total} attachments failed to detach cleanly (see the errors above)")]
     Several { failed: usize, total: usize },
 }
@@ -105,6 +108,43 @@ pub fn detach_all(
 }
 
 fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
+    if entry.liveness == Liveness::Live && entry.state.stage == Stage::Starting {
+        return match wait_until_started(registry, &entry.state.name)? {
+            Some(started) => detach_started(registry, &started),
+            None => Ok(()),
+        };
+    }
+    detach_started(registry, entry)
+}
+
+/// How long detach waits for an attachment that another process is still setting up; as
+/// long as `attach` waits for its daemon.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until the attachment `name`, which another process is still setting up, is
+/// attached or gone, and returns its entry then (`None` once gone). Until it is attached,
+/// its entry names the attaching process and nothing is mounted, so detaching it at once
+/// would remove the entry of a daemon about to serve and leave that daemon running.
+fn wait_until_started(registry: &Registry, name: &str) -> Result<Option<Entry>, DetachError> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        match registry.find(name) {
+            Ok(entry) if entry.state.stage != Stage::Starting => return Ok(Some(entry)),
+            Ok(entry) if entry.liveness == Liveness::Stale => return Ok(Some(entry)),
+            Ok(_) => {}
+            Err(RegistryError::NotFound { .. }) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        }
+        if Instant::now() >= deadline {
+            return Err(DetachError::StillStarting {
+                name: name.to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn detach_started(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
     let name = &entry.state.name;
 
     if entry.liveness == Liveness::Stale {

@@ -565,7 +565,8 @@ fn unwritable_pidfile_leaves_nothing() {
 
 /// Regression: the command inherited the signal mask that `run` uses to catch the signals it
 /// forwards, so a SIGTERM for a command like `sleep` stayed pending until it ended by itself.
-/// A shell resets its mask at start, so the command here is `grep` itself.
+/// A shell resets its mask at start, so the command here is `grep` itself. It must not
+/// inherit an ignored SIGPIPE either.
 #[test]
 fn run_command_starts_with_signals_unblocked() {
     let Some(sandbox) = Sandbox::new("run_command_starts_with_signals_unblocked", &["grep"]) else {
@@ -576,12 +577,24 @@ fn run_command_starts_with_signals_unblocked() {
     let mut command = sandbox.loopfuse(["run"]);
     command
         .arg(&image)
-        .args(["--", "grep", "SigBlk", "/proc/self/status"]);
+        .args(["--", "grep", "-E", "SigBlk|SigIgn", "/proc/self/status"]);
     let output = command.output().unwrap();
 
     assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("SigBlk:\t0000000000000000"), "{stdout}");
+    // The Rust runtime ignores SIGPIPE; the command must get its default action back, or
+    // `yes | head -1` fails with "Broken pipe" inside `run` only.
+    let ignored = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:\t"))
+        .map(|mask| u64::from_str_radix(mask.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(
+        ignored & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "SIGPIPE is ignored: {stdout}"
+    );
     sandbox.assert_clean();
 }
 

@@ -48,27 +48,22 @@ pub fn exec_unblocked(command: &[OsString]) -> u8 {
 
 /// Replaces this process with `command`, searching `PATH` as a shell does. Returns only
 /// when the command cannot be executed, with the exit status a shell would give.
+///
+/// `Command::exec` also gives the command SIGPIPE's default action back: the Rust runtime
+/// ignores SIGPIPE, and a command that inherited that would see `yes | head -1` fail with
+/// "Broken pipe" instead of ending quietly.
 pub fn exec_in_place(command: &[OsString]) -> u8 {
-    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
 
-    let arguments: Result<Vec<std::ffi::CString>, _> = command
-        .iter()
-        .map(|argument| std::ffi::CString::new(argument.as_bytes()))
-        .collect();
-    let program = command.first().map(PathBuf::from).unwrap_or_default();
-    let error = match arguments {
-        Ok(arguments) if !arguments.is_empty() => {
-            match nix::unistd::execvp(&arguments[0], &arguments) {
-                Err(errno) => io::Error::from(errno),
-                Ok(never) => match never {},
-            }
-        }
-        _ => io::Error::from_raw_os_error(libc::EINVAL),
+    let Some((program, arguments)) = command.split_first() else {
+        eprintln!("loopfuse: no command to run");
+        return STATUS_NOT_FOUND;
     };
+    let error = std::process::Command::new(program).args(arguments).exec();
 
     eprintln!(
         "loopfuse: {}: cannot run the command: {error}",
-        program.display()
+        PathBuf::from(program).display()
     );
     match error.kind() {
         io::ErrorKind::NotFound => STATUS_NOT_FOUND,

@@ -763,3 +763,50 @@ fn detach_all_during_attach_leaks_nothing() {
     }
     sandbox.assert_clean();
 }
+
+/// When the command of `run` leaves a process holding the device, `run` unmounts lazily and
+/// the daemon serves that process until it closes the device. `detach` then says so at once
+/// (it used to wait 120 s for the daemon), and the attachment goes after the last close.
+#[test]
+fn detach_after_lazy_run_reports_holder() {
+    let test = "detach_after_lazy_run_reports_holder";
+    let Some(sandbox) = Sandbox::new(test, &["sh", "sleep"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    let holder_pid = sandbox.path("holder.pid");
+    let script = format!(
+        "sleep 300 < \"$LOOPFUSE_DEV\" > /dev/null 2>&1 & echo $! > '{}'",
+        holder_pid.display()
+    );
+
+    let mut run = sandbox.loopfuse(["run"]);
+    let output = run
+        .arg(&image)
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let holder: i32 = fs::read_to_string(&holder_pid)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let holder = nix::unistd::Pid::from_raw(holder);
+
+    let started = std::time::Instant::now();
+    let detach = sandbox.loopfuse(["detach", "loop0"]).output().unwrap();
+    let waited = started.elapsed();
+    let _ = nix::sys::signal::kill(holder, nix::sys::signal::SIGKILL);
+    assert_eq!(detach.status.code(), Some(1), "{}", stderr_of(&detach));
+    assert!(
+        stderr_of(&detach).contains("unmounted lazily"),
+        "{}",
+        stderr_of(&detach)
+    );
+    assert!(waited < Duration::from_secs(10), "detach waited {waited:?}");
+
+    let gone = wait_until(Duration::from_secs(10), || sandbox.list().is_empty());
+    assert!(gone, "the attachment stayed after the holder exited");
+    sandbox.assert_clean();
+}

@@ -30,6 +30,9 @@ pub enum DetachError {
     #[error("{name}: device is busy: a process still has a file open on {} (close it, then detach again; 'fuser -vm {}' lists the processes)", mountpoint.display(), mountpoint.display())]
     Busy { name: String, mountpoint: PathBuf },
 
+    #[error("{name}: {} was unmounted lazily, and the daemon still serves a device file that a process kept open; the attachment goes by itself after the last close, so stop the process that has it open", mountpoint.display())]
+    ServingLazily { name: String, mountpoint: PathBuf },
+
     #[error("{name}: cannot unmount {}: {reason}", mountpoint.display())]
     Unmount {
         name: String,
@@ -184,6 +187,16 @@ fn detach_started(registry: &Registry, entry: &Entry) -> Result<(), DetachError>
         && in_other_mount_namespace(entry.state.pid.pid)
     {
         stop_namespace_daemon(entry)?;
+    } else if entry.state.stage == Stage::Attached && !is_mounted(&entry.mountpoint) {
+        // Unmounted lazily, by `run` when its command left a process holding the device:
+        // the daemon serves the files still open and exits after the last close. One that
+        // is only finishing its own exit gets a moment.
+        if !wait_for_exit_within(entry, BUSY_RETRY) {
+            return Err(DetachError::ServingLazily {
+                name: name.clone(),
+                mountpoint: entry.mountpoint.clone(),
+            });
+        }
     } else {
         unmount(name, &entry.mountpoint)?;
     }
@@ -381,6 +394,18 @@ pub(crate) fn unmount_lazily(mountpoint: &Path) {
         .args(["-u", "-z", "--"])
         .arg(mountpoint)
         .output();
+}
+
+/// Returns whether the daemon of `entry` has exited within `timeout`.
+fn wait_for_exit_within(entry: &Entry, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while entry.state.pid.holds_resources() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 fn wait_for_exit(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {

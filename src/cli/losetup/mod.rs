@@ -453,9 +453,11 @@ fn detach_device(registry: &Registry, device: &str) -> super::CommandResult {
     check_device_argument(&entry, device)?;
     let result = match attach::detach(registry, device) {
         // The kernel turns a busy detach into autoclear, and losetup succeeds.
-        Err(attach::DetachError::Busy { .. } | attach::DetachError::MountedFrom { .. }) => {
-            attach::detach_when_closed(registry, device)
-        }
+        Err(
+            attach::DetachError::Busy { .. }
+            | attach::DetachError::MountedFrom { .. }
+            | attach::DetachError::ServingLazily { .. },
+        ) => attach::detach_when_closed(registry, device),
         result => result.map(|_| ()),
     };
     Ok(result.map_err(|error| failed(&error))?)

@@ -188,17 +188,13 @@ fn detach_started(registry: &Registry, entry: &Entry) -> Result<(), DetachError>
     {
         stop_namespace_daemon(entry)?;
     } else if entry.state.stage == Stage::Attached && !is_mounted(&entry.mountpoint) {
-        // Unmounted lazily, by `run` when its command left a process holding the device:
-        // the daemon serves the files still open and exits after the last close. One that
-        // is only finishing its own exit gets a moment.
-        if !wait_for_exit_within(entry, BUSY_RETRY) {
-            return Err(DetachError::ServingLazily {
-                name: name.clone(),
-                mountpoint: entry.mountpoint.clone(),
-            });
+        wait_for_lazy_exit(entry)?;
+    } else if let Err(error) = unmount(name, &entry.mountpoint) {
+        // `run` may have unmounted it lazily in the meantime.
+        if is_mounted(&entry.mountpoint) {
+            return Err(error);
         }
-    } else {
-        unmount(name, &entry.mountpoint)?;
+        wait_for_lazy_exit(entry)?;
     }
     wait_for_exit(registry, entry)?;
     // A daemon that flushed the image removes its own entry before it exits, so an entry
@@ -394,6 +390,20 @@ pub(crate) fn unmount_lazily(mountpoint: &Path) {
         .args(["-u", "-z", "--"])
         .arg(mountpoint)
         .output();
+}
+
+/// Waits briefly for the daemon of an attachment whose mount is gone. A mount unmounted
+/// lazily (by `run`, when its command left a process holding the device) is served until
+/// the last close, which may be far off, so that is reported rather than waited for. A
+/// daemon that is only finishing its own exit gets a moment.
+fn wait_for_lazy_exit(entry: &Entry) -> Result<(), DetachError> {
+    if wait_for_exit_within(entry, BUSY_RETRY) {
+        return Ok(());
+    }
+    Err(DetachError::ServingLazily {
+        name: entry.state.name.clone(),
+        mountpoint: entry.mountpoint.clone(),
+    })
 }
 
 /// Returns whether the daemon of `entry` has exited within `timeout`.

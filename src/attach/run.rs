@@ -255,6 +255,9 @@ fn wait_for_exit(child: &mut Child, running: &Mutex<Option<Pid>>) -> io::Result<
     })
 }
 
+/// How long `run` waits for its daemon's lazy unmount after the command.
+const LAZY_UNMOUNT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Detaches after the command. A device still held open by a process the command left
 /// behind is detached lazily by stopping its daemon, so that nothing stays mounted.
 fn detach_after_run(registry: &Registry, name: &str) -> Result<(), DetachError> {
@@ -275,6 +278,12 @@ fn detach_after_run(registry: &Registry, name: &str) -> Result<(), DetachError> 
             log::warn!("{}; detaching lazily", crate::error_chain(&busy));
             let entry = registry.find(name)?;
             let _ = kill(Pid::from_raw(entry.state.pid.pid), Signal::SIGTERM);
+            // The daemon unmounts lazily on SIGTERM. Waiting for that lets a `detach` right
+            // after `run` find the mount gone, as it will be.
+            let deadline = std::time::Instant::now() + LAZY_UNMOUNT_TIMEOUT;
+            while super::is_mounted(&entry.mountpoint) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             Ok(())
         }
         Err(error) => Err(error),

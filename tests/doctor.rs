@@ -346,3 +346,33 @@ impl Drop for LimitedUserNamespace {
         let _ = self.holder.wait();
     }
 }
+
+/// A runtime directory on a full filesystem fails the check, as attach would fail there:
+/// creating an empty file still works on a full filesystem, so the probe writes data.
+#[test]
+fn doctor_reports_full_runtime_directory() {
+    let test = "doctor_reports_full_runtime_directory";
+    if !is_root() {
+        eprintln!("SKIP {test}: mounting a small tmpfs needs root");
+        return;
+    }
+    let Some(sandbox) = Sandbox::new(test, &[]) else {
+        return;
+    };
+    let (small, _tmpfs) = common::small_tmpfs(&sandbox);
+    fs::create_dir(small.join("loopfuse")).unwrap();
+    fs::set_permissions(small.join("loopfuse"), fs::Permissions::from_mode(0o700)).unwrap();
+    // Fills the filesystem; the write that finds it full fails, as intended.
+    let _ = fs::write(small.join("filler"), vec![1u8; 16 << 20]);
+
+    let mut doctor = sandbox.loopfuse(["doctor"]);
+    let report = Report::of(&doctor.env("XDG_RUNTIME_DIR", &small).output().unwrap());
+
+    assert_line(
+        &report,
+        "runtime directory",
+        "FAIL",
+        &["No space left", "free some space"],
+    );
+    assert_eq!(report.status, Some(1), "{}", report.text());
+}

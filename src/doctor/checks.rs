@@ -209,6 +209,9 @@ fn fusermount(is_root: bool) -> Check {
 
 /// Opens the registry as `attach` does, which creates the directory when it is missing,
 /// and checks that a file can be created in it.
+/// Bytes that the runtime directory check writes.
+const PROBE_FILE_LEN: usize = 8192;
+
 fn runtime_directory() -> (Check, Option<Registry>) {
     const SUBJECT: &str = "runtime directory";
     let own_directory = "set XDG_RUNTIME_DIR to a directory of your own";
@@ -234,7 +237,9 @@ fn runtime_directory() -> (Check, Option<Registry>) {
     let probe_file = registry
         .root()
         .join(format!(".doctor-{}.tmp", std::process::id()));
-    let written = std::fs::write(&probe_file, b"");
+    // As much as a state file and a log take at attach: an empty file needs no data block,
+    // so it can be created on a full filesystem where attach then fails.
+    let written = std::fs::write(&probe_file, [0u8; PROBE_FILE_LEN]);
     let _ = std::fs::remove_file(&probe_file);
 
     match written {
@@ -246,15 +251,22 @@ fn runtime_directory() -> (Check, Option<Registry>) {
             ),
             Some(registry),
         ),
-        Err(error) => (
-            Check::new(
-                Verdict::Fail,
-                SUBJECT,
-                format!("{root} is not writable: {error}"),
+        Err(error) => {
+            let fix = if error.kind() == std::io::ErrorKind::StorageFull {
+                "free some space on its filesystem, or set XDG_RUNTIME_DIR to another directory"
+            } else {
+                own_directory
+            };
+            (
+                Check::new(
+                    Verdict::Fail,
+                    SUBJECT,
+                    format!("{root} is not writable: {error}"),
+                )
+                .with_fix(fix),
+                None,
             )
-            .with_fix(own_directory),
-            None,
-        ),
+        }
     }
 }
 

@@ -211,7 +211,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
     let mut widths = [0usize; COLUMNS.len()];
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.len());
+            *width = (*width).max(cell.chars().count());
         }
     }
 

@@ -242,7 +242,7 @@ fn render_table(rows: &[LoopInfo], columns: &[Column], headings: bool) -> String
     let mut widths: Vec<usize> = columns.iter().map(|c| c.heading().len()).collect();
     for line in &lines {
         for (width, cell) in widths.iter_mut().zip(line) {
-            *width = (*width).max(cell.len());
+            *width = (*width).max(cell.chars().count());
         }
     }
 

@@ -45,7 +45,12 @@ pub struct LosetupArgs {
     pub set_capacity: Option<String>,
 
     /// List all devices associated with FILE.
-    #[arg(short = 'j', long = "associated", value_name = "FILE")]
+    #[arg(
+        short = 'j',
+        long = "associated",
+        value_name = "FILE",
+        allow_hyphen_values = true
+    )]
     pub associated: Option<PathBuf>,
 
     /// Reuse a device with the same file, offset and size limit instead of adding one.

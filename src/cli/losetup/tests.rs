@@ -105,3 +105,13 @@ fn exclusive_options_are_usage_errors() {
     let cli = Cli::try_parse_from(["loopfuse", "losetup", "-J", "--raw"]);
     assert!(cli.is_err());
 }
+
+#[test]
+fn associated_file_may_start_with_dash() {
+    assert_eq!(
+        action(&["-j", "-x.img"]),
+        Ok(Action::Show {
+            file: Some(PathBuf::from("-x.img"))
+        })
+    );
+}

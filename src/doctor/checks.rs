@@ -209,8 +209,9 @@ fn fusermount(is_root: bool) -> Check {
 
 /// Opens the registry as `attach` does, which creates the directory when it is missing,
 /// and checks that a file can be created in it.
-/// Bytes that the runtime directory check writes.
-const PROBE_FILE_LEN: usize = 8192;
+/// Bytes that the runtime directory check writes: a margin over what an attach writes there
+/// (a state file written beside the one it replaces, and the daemon's log).
+const PROBE_FILE_LEN: usize = 64 << 10;
 
 fn runtime_directory() -> (Check, Option<Registry>) {
     const SUBJECT: &str = "runtime directory";
@@ -237,8 +238,8 @@ fn runtime_directory() -> (Check, Option<Registry>) {
     let probe_file = registry
         .root()
         .join(format!(".doctor-{}.tmp", std::process::id()));
-    // As much as a state file and a log take at attach: an empty file needs no data block,
-    // so it can be created on a full filesystem where attach then fails.
+    // Data, not an empty file: an empty file needs no data block, so it can be created on a
+    // full filesystem where attach then fails.
     let written = std::fs::write(&probe_file, [0u8; PROBE_FILE_LEN]);
     let _ = std::fs::remove_file(&probe_file);
 

@@ -457,12 +457,12 @@ fn detach_device(registry: &Registry, device: &str) -> super::CommandResult {
     let entry = registry.find(device).map_err(|error| failed(&error))?;
     check_device_argument(&entry, device)?;
     let result = match attach::detach(registry, device) {
+        // Unmounted lazily already: the attachment goes after the last close by itself.
+        Err(attach::DetachError::ServingLazily { .. }) => Ok(()),
         // The kernel turns a busy detach into autoclear, and losetup succeeds.
-        Err(
-            attach::DetachError::Busy { .. }
-            | attach::DetachError::MountedFrom { .. }
-            | attach::DetachError::ServingLazily { .. },
-        ) => attach::detach_when_closed(registry, device),
+        Err(attach::DetachError::Busy { .. } | attach::DetachError::MountedFrom { .. }) => {
+            attach::detach_when_closed(registry, device)
+        }
         result => result.map(|_| ()),
     };
     Ok(result.map_err(|error| failed(&error))?)

@@ -406,33 +406,28 @@ fn wait_for_lazy_exit(entry: &Entry) -> Result<(), DetachError> {
     })
 }
 
-/// Returns whether the daemon of `entry` has exited within `timeout`.
+/// Returns whether the daemon of `entry` has exited within `timeout`: every thread of it,
+/// so that the image and its lock are released on return.
 fn wait_for_exit_within(entry: &Entry, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
     while entry.state.pid.holds_resources() {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
     true
 }
 
 fn wait_for_exit(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(1);
-
-    // Until every thread is gone, so that the image and its lock are released on return.
-    while entry.state.pid.holds_resources() {
-        if started.elapsed() > EXIT_TIMEOUT {
-            return Err(DetachError::DaemonStuck {
-                name: entry.state.name.clone(),
-                pid: entry.state.pid.pid,
-                log: registry.log_path(&entry.state.name),
-            });
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
+    if wait_for_exit_within(entry, EXIT_TIMEOUT) {
+        return Ok(());
     }
-    Ok(())
+    Err(DetachError::DaemonStuck {
+        name: entry.state.name.clone(),
+        pid: entry.state.pid.pid,
+        log: registry.log_path(&entry.state.name),
+    })
 }

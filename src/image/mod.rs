@@ -183,20 +183,18 @@ fn open_error(path: &Path, source: io::Error) -> ImageError {
 /// relative target is shown as the link gives it when it is the first one, and joined to
 /// its link's directory further down the chain.
 fn missing_link_target(path: &Path) -> PathBuf {
+    // As many links as the kernel follows (MAXSYMLINKS).
     const MAX_LINKS: usize = 40;
-    let mut link = path.to_path_buf();
-    let mut shown = std::fs::read_link(path).unwrap_or_default();
-    for _ in 0..MAX_LINKS {
-        let Ok(target) = std::fs::read_link(&link) else {
+    let mut target = std::fs::read_link(path).unwrap_or_default();
+    let mut link = path.parent().unwrap_or(Path::new("")).join(&target);
+    for _ in 1..MAX_LINKS {
+        let Ok(next) = std::fs::read_link(&link) else {
             break;
         };
-        let next = link.parent().unwrap_or(Path::new("")).join(&target);
-        if link != path {
-            shown = next.clone();
-        }
-        link = next;
+        link = link.parent().unwrap_or(Path::new("")).join(next);
+        target = link.clone();
     }
-    shown
+    target
 }
 
 fn check_file_type(path: &Path, file_type: &std::fs::FileType) -> Result<(), ImageError> {

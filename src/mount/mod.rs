@@ -400,8 +400,8 @@ fn find_mount_attachment(registry: &Registry, options: &AttachOptions) -> Option
 
 /// Turns an attach that failed because another attachment has the image into an error
 /// naming a directory, when that attachment serves a `loopfuse mount`: `loopfuse detach`,
-/// which the attach error suggests, refuses such an attachment. The mount of the same
-/// partition is named if there is one, and otherwise the mount that took other options.
+/// which the attach error suggests, rejects such an attachment. The mount of the same
+/// partition is named if there is one, and otherwise a mount made with other options.
 fn explain_mounted_image(
     error: AttachError,
     registry: &Registry,
@@ -411,27 +411,29 @@ fn explain_mounted_image(
     let AttachError::AlreadyAttached { name, .. } = &error else {
         return error.into();
     };
-    let Some(mounts) = registry.find(name).ok().map(|entry| entry.state.mounts) else {
-        return error.into();
-    };
-    let source_name = source_name.to_string();
-    if let Some(record) = mounts.iter().find(|record| record.partition == partition) {
-        return MountError::MountedElsewhere {
-            source_name,
-            directory: record.directory.clone(),
-        };
+    if let Err(mounted @ MountError::MountedElsewhere { .. }) =
+        check_not_mounted(registry, name, partition, source_name)
+    {
+        return mounted;
     }
-    match mounts.first() {
-        Some(record) => MountError::ImageMounted {
-            source_name,
-            directory: record.directory.clone(),
+    let other_mount = registry.find(name).ok().and_then(|entry| {
+        entry
+            .state
+            .mounts
+            .first()
+            .map(|record| record.directory.clone())
+    });
+    match other_mount {
+        Some(directory) => MountError::ImageMounted {
+            source_name: source_name.to_string(),
+            directory,
         },
         None => error.into(),
     }
 }
 
-/// Rejects a second writable mount of a filesystem that attachment `name` already serves:
-/// two drivers writing one filesystem would corrupt it, where the kernel shares one.
+/// Rejects a second mount of a filesystem that attachment `name` already serves: two
+/// drivers writing one filesystem would corrupt it, where the kernel shares one mount.
 fn check_not_mounted(
     registry: &Registry,
     name: &str,
@@ -439,12 +441,12 @@ fn check_not_mounted(
     source_name: &str,
 ) -> Result<(), MountError> {
     let entry = registry.find(name)?;
-    match entry
+    let mounted = entry
         .state
         .mounts
         .iter()
-        .find(|record| record.partition == partition)
-    {
+        .find(|record| record.partition == partition);
+    match mounted {
         Some(record) => Err(MountError::MountedElsewhere {
             source_name: source_name.to_string(),
             directory: record.directory.clone(),

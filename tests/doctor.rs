@@ -362,7 +362,7 @@ fn doctor_reports_full_runtime_directory() {
     let (small, _tmpfs) = common::small_tmpfs(&sandbox);
     fs::create_dir(small.join("loopfuse")).unwrap();
     fs::set_permissions(small.join("loopfuse"), fs::Permissions::from_mode(0o700)).unwrap();
-    // Fills the filesystem; the write that finds it full fails, as intended.
+    // Fills the filesystem. The write that finds it full fails, as intended.
     let _ = fs::write(small.join("filler"), vec![1u8; 16 << 20]);
 
     let mut doctor = sandbox.loopfuse(["doctor"]);

@@ -669,7 +669,7 @@ fn replaced_image_is_another_file() {
 
 /// Paths through symbolic links and `..` reach the same attachment. With a runtime directory
 /// given through a link, detach used to look for the mount under the link's name and wait
-/// 120 s for a daemon that was never told to stop. Device paths may contain `..` or links.
+/// 120 s for a daemon that nothing had stopped. Device paths may contain `..` or links.
 #[test]
 fn linked_paths_reach_attachment() {
     let Some(sandbox) = Sandbox::new("linked_paths_reach_attachment", &[]) else {
@@ -765,7 +765,7 @@ fn detach_all_during_attach_leaks_nothing() {
 }
 
 /// When the command of `run` leaves a process holding the device, `run` unmounts lazily and
-/// the daemon serves that process until it closes the device. `detach` then says so at once
+/// the daemon serves that process until it closes the device. `detach` then reports that at once
 /// (it used to wait 120 s for the daemon), and the attachment goes after the last close.
 #[test]
 fn detach_after_lazy_run_reports_holder() {
@@ -806,7 +806,7 @@ fn detach_after_lazy_run_reports_holder() {
     );
     assert!(waited < Duration::from_secs(10), "detach waited {waited:?}");
 
-    let gone = wait_until(Duration::from_secs(10), || sandbox.list().is_empty());
-    assert!(gone, "the attachment stayed after the holder exited");
+    let detached = wait_until(Duration::from_secs(10), || sandbox.list().is_empty());
+    assert!(detached, "the attachment stayed after the holder exited");
     sandbox.assert_clean();
 }

@@ -366,10 +366,10 @@ fn losetup_lists_attached_file_and_live_devices() {
 
     let pid = sandbox.daemon_pid("loop0");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
-    let gone = common::wait_until(std::time::Duration::from_secs(5), || {
+    let unlisted = common::wait_until(std::time::Duration::from_secs(5), || {
         losetup(&sandbox, &["-a"]).is_empty()
     });
-    assert!(gone, "a device whose daemon died is still listed");
+    assert!(unlisted, "a device whose daemon died is still listed");
     let mut command = sandbox.loopfuse(["losetup"]);
     let output = command.arg(device).output().unwrap();
     assert_eq!(output.status.code(), Some(1), "a dead device is shown");

@@ -120,9 +120,9 @@ fn detach_entry(registry: &Registry, entry: &Entry) -> Result<(), DetachError> {
     detach_started(registry, entry)
 }
 
-/// How long detach waits for an attachment that another process is still setting up; as
-/// long as `attach` waits for its daemon.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long detach waits for an attachment that another process is still setting up: as
+/// long as `attach` waits for its daemon to be ready.
+const START_TIMEOUT: Duration = super::READY_TIMEOUT;
 
 /// Waits until the attachment `name`, which another process is still setting up, is
 /// attached or gone, and returns its entry then (`None` once gone). Until it is attached,

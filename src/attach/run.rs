@@ -56,7 +56,7 @@ pub fn exec_in_place(command: &[OsString]) -> u8 {
     use std::os::unix::process::CommandExt;
 
     let Some((program, arguments)) = command.split_first() else {
-        eprintln!("loopfuse: no command to run");
+        eprintln!("loopfuse: no command to run; give one after '--'");
         return STATUS_NOT_FOUND;
     };
     let error = std::process::Command::new(program).args(arguments).exec();

@@ -24,7 +24,7 @@ pub use process::ProcessId;
 /// Name of the device file of the whole disk inside an attachment's mount point.
 pub const DISK_FILE: &str = "disk";
 
-/// The file that [`Registry::lock_mounts`] locks; its leading dot keeps it out of `list`.
+/// The file that [`Registry::lock_mounts`] locks. Its leading dot keeps it out of `list`.
 const MOUNT_LOCK_FILE: &str = ".mount.lock";
 
 /// Errors from the registry.

@@ -490,7 +490,8 @@ fn check_device_argument(entry: &Entry, device: &str) -> Result<(), String> {
     ))
 }
 
-/// Live attachments of `file` (see [`Entry::is_image`]), with `offset` when given.
+/// Returns the live attachments of `file` (see [`Entry::is_image`]), with `offset` when
+/// given.
 fn associated(
     registry: &Registry,
     file: &Path,

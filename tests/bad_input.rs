@@ -80,6 +80,24 @@ fn missing_and_special_files_are_rejected() {
         &in_missing_directory,
         &["not found", "no-directory does not exist"],
     );
+    // The first missing directory is named, not the image's own.
+    let deep = sandbox.path("no-directory/inner/missing.img");
+    let outer = format!(
+        "directory {} does not exist",
+        sandbox.path("no-directory").display()
+    );
+    attach_rejected(&sandbox, &[], &deep, &[&outer]);
+    // A directory this user may not enter is named (root may enter any).
+    if !is_root() {
+        let closed = sandbox.path("closed");
+        fs::create_dir(&closed).unwrap();
+        let image = closed.join("disk.img");
+        fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+        fs::set_permissions(&closed, fs::Permissions::from_mode(0o600)).unwrap();
+        let fragment = format!("may not enter the directory {}", closed.display());
+        attach_rejected(&sandbox, &[], &image, &[&fragment]);
+        fs::set_permissions(&closed, fs::Permissions::from_mode(0o700)).unwrap();
+    }
     attach_rejected(&sandbox, &[], &directory, &["is a directory"]);
     attach_rejected(&sandbox, &[], &fifo, &["is a FIFO"]);
     attach_rejected(&sandbox, &[], &socket_path, &["is a socket"]);

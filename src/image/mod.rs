@@ -40,6 +40,9 @@ pub enum ImageError {
     #[error("{}: cannot open the image", path.display())]
     Open { path: PathBuf, source: io::Error },
 
+    #[error("{}: cannot open the image: this user may not enter the directory {} (ask its owner for search permission, or move the image)", path.display(), directory.display())]
+    ClosedDirectory { path: PathBuf, directory: PathBuf },
+
     #[error("{}: permission denied for writing; make it writable, for example with 'chmod u+w {}'", path.display(), path.display())]
     NotWritable { path: PathBuf },
 
@@ -153,9 +156,7 @@ fn open_file(path: &Path, access: Access) -> Result<File, ImageError> {
 }
 
 fn open_error(path: &Path, source: io::Error) -> ImageError {
-    let missing_directory = path
-        .parent()
-        .filter(|directory| !directory.as_os_str().is_empty() && !directory.is_dir());
+    let missing_directory = outermost_missing_directory(path);
     let dangling_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
     if source.kind() == io::ErrorKind::NotFound && dangling_link {
         ImageError::DanglingLink {
@@ -171,12 +172,46 @@ fn open_error(path: &Path, source: io::Error) -> ImageError {
         ImageError::NotFound {
             path: path.to_path_buf(),
         }
+    } else if let Some(directory) = closed_directory(path, &source) {
+        ImageError::ClosedDirectory {
+            path: path.to_path_buf(),
+            directory,
+        }
     } else {
         ImageError::Open {
             path: path.to_path_buf(),
             source,
         }
     }
+}
+
+/// Returns the first directory on the way to `path` that does not exist, if its own
+/// directory is missing: for `/data/a/b/disk.img` without `/data/a`, that is `/data/a`.
+fn outermost_missing_directory(path: &Path) -> Option<PathBuf> {
+    let mut missing = None;
+    for directory in path.ancestors().skip(1) {
+        if directory.as_os_str().is_empty() || directory.exists() {
+            break;
+        }
+        missing = Some(directory.to_path_buf());
+    }
+    missing
+}
+
+/// Returns the first directory on the way to `path` that this user may not search, when
+/// that is why opening it failed with EACCES.
+fn closed_directory(path: &Path, source: &io::Error) -> Option<PathBuf> {
+    use nix::unistd::{AccessFlags, access};
+    if source.kind() != io::ErrorKind::PermissionDenied {
+        return None;
+    }
+    let directories: Vec<&Path> = path.ancestors().skip(1).collect();
+    directories
+        .into_iter()
+        .rev()
+        .filter(|directory| !directory.as_os_str().is_empty())
+        .find(|directory| access(*directory, AccessFlags::X_OK).is_err())
+        .map(Path::to_path_buf)
 }
 
 /// Follows a chain of symbolic links from `path` and returns the target that is missing. A

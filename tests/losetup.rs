@@ -327,6 +327,23 @@ fn losetup_rejects_non_device_arguments() {
     );
 
     losetup(&sandbox, &["-d", device]);
+
+    // An image attached twice (read-only, so both share it) is rejected the same way.
+    let image_name = image.to_str().unwrap();
+    let first = losetup(&sandbox, &["-fr", "--show", image_name]);
+    let second = losetup(&sandbox, &["-fr", "--show", "-o", "4096", image_name]);
+    let output = sandbox
+        .loopfuse(["losetup", "-d", image_name])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("it is the image of loop0 and loop1"),
+        "{stderr}"
+    );
+    assert_eq!(sandbox.list().len(), 2, "-d IMAGE detached something");
+    losetup(&sandbox, &["-d", first.trim(), second.trim()]);
     sandbox.assert_clean();
 }
 

@@ -454,6 +454,7 @@ fn detach_device(registry: &Registry, device: &str) -> super::CommandResult {
     let failed = |error: &dyn std::error::Error| {
         format!("{device}: detach failed: {}", crate::error_chain(error))
     };
+    reject_image_of_several(registry, device)?;
     let entry = registry.find(device).map_err(|error| failed(&error))?;
     check_device_argument(&entry, device)?;
     let result = match attach::detach(registry, device) {
@@ -487,6 +488,25 @@ fn check_device_argument(entry: &Entry, device: &str) -> Result<(), String> {
     Err(format!(
         "{device}: failed to use device: {reason}; use {}",
         entry.device().display()
+    ))
+}
+
+/// Rejects an image file attached more than once, which `find` would report as a name
+/// matching several attachments, as if an image were accepted where a device is expected.
+fn reject_image_of_several(registry: &Registry, device: &str) -> Result<(), String> {
+    let path = resolve_path(Path::new(device));
+    let entries = registry.list().unwrap_or_default();
+    let names: Vec<&str> = entries
+        .iter()
+        .filter(|entry| entry.is_image(&path))
+        .map(|entry| entry.state.name.as_str())
+        .collect();
+    if names.len() < 2 {
+        return Ok(());
+    }
+    Err(format!(
+        "{device}: failed to use device: it is the image of {}; use one of their devices (see 'losetup -j {device}')",
+        names.join(" and ")
     ))
 }
 

@@ -8,6 +8,7 @@ mod common;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -259,9 +260,40 @@ fn run_of_missing_command_exits_127() {
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(127), "{stderr}");
     assert!(
-        stderr.contains("loopfuse-no-such-command: cannot run the command"),
+        stderr.contains("loopfuse-no-such-command: command not found"),
         "{stderr}"
     );
+
+    // execvp fails with EACCES when a directory of PATH cannot be searched, and with EACCES
+    // too for a file found there without execute permission: only the second is 126.
+    let closed = sandbox.path("closed");
+    let tools = sandbox.path("tools");
+    fs::create_dir(&closed).unwrap();
+    fs::create_dir(&tools).unwrap();
+    fs::write(tools.join("loopfuse-not-executable"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(&closed, fs::Permissions::from_mode(0o000)).unwrap();
+    let system_path = std::env::var_os("PATH").unwrap_or_default();
+    let mut search_path = vec![closed.clone(), tools.clone()];
+    search_path.extend(std::env::split_paths(&system_path));
+    let search_path = std::env::join_paths(search_path).unwrap();
+    for (command, expected) in [
+        ("loopfuse-no-such-command", 127),
+        ("loopfuse-not-executable", 126),
+    ] {
+        let output = sandbox
+            .loopfuse(["run".as_ref(), image.as_os_str(), "--".as_ref()])
+            .arg(command)
+            .env("PATH", &search_path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(expected),
+            "{command}: {}",
+            stderr_of(&output)
+        );
+    }
+    fs::set_permissions(&closed, fs::Permissions::from_mode(0o755)).unwrap();
     sandbox.assert_clean();
 }
 
@@ -776,7 +808,8 @@ fn detach_after_lazy_run_reports_holder() {
     let image = sandbox.sparse_image("disk.img", 8 * MIB);
     let holder_pid = sandbox.path("holder.pid");
     let script = format!(
-        "sleep 300 < \"$LOOPFUSE_DEV\" > /dev/null 2>&1 & echo $! > '{}'",
+        // The shell opens the device before it forks, so the holder has it from the start.
+        "exec 3< \"$LOOPFUSE_DEV\"; sleep 300 <&3 3<&- > /dev/null 2>&1 & echo $! > '{}'",
         holder_pid.display()
     );
 
@@ -793,6 +826,22 @@ fn detach_after_lazy_run_reports_holder() {
         .parse()
         .unwrap();
     let holder = nix::unistd::Pid::from_raw(holder);
+    let warning = stderr_of(&output);
+    assert!(
+        warning.contains("goes once it closes") && !warning.contains("detach again"),
+        "{warning}"
+    );
+
+    // Like a busy kernel loop device after `losetup -d`: listed with autoclear until closed.
+    let listed = sandbox.list();
+    assert_eq!(listed[0]["autoclear"], true, "{listed:?}");
+    let attach = sandbox.loopfuse(["attach"]).arg(&image).output().unwrap();
+    assert_eq!(attach.status.code(), Some(1), "{}", stderr_of(&attach));
+    assert!(
+        stderr_of(&attach).contains("goes once a process closes its device file"),
+        "{}",
+        stderr_of(&attach)
+    );
 
     let started = std::time::Instant::now();
     let detach = sandbox.loopfuse(["detach", "loop0"]).output().unwrap();

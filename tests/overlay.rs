@@ -7,7 +7,7 @@ mod common;
 use std::fs::{self, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
@@ -124,12 +124,10 @@ fn overlay_keeps_fsynced_writes_after_kill() {
     sandbox.assert_clean();
 }
 
-#[test]
-fn commit_rejects_other_image_or_size() {
-    let Some(sandbox) = Sandbox::new("commit_rejects_other_image_or_size", &[]) else {
-        return;
-    };
-    let image = base_image(&sandbox, "base.img", 3);
+/// Attaches a new overlay `changes.overlay` over `base.img` (filled from `seed`) and writes
+/// a few bytes through it; returns the image, the overlay and the device.
+fn attach_changed_overlay(sandbox: &Sandbox, seed: u64) -> (PathBuf, PathBuf, PathBuf) {
+    let image = base_image(sandbox, "base.img", seed);
     let overlay = sandbox.path("changes.overlay");
     let device = sandbox.attach(overlay_args(&overlay, &image));
     OpenOptions::new()
@@ -138,6 +136,15 @@ fn commit_rejects_other_image_or_size() {
         .unwrap()
         .write_all_at(b"change", MIB)
         .unwrap();
+    (image, overlay, device)
+}
+
+#[test]
+fn commit_rejects_other_image_or_size() {
+    let Some(sandbox) = Sandbox::new("commit_rejects_other_image_or_size", &[]) else {
+        return;
+    };
+    let (_image, overlay, device) = attach_changed_overlay(&sandbox, 3);
     sandbox.detach(&device);
 
     let other = base_image(&sandbox, "other.img", 30);
@@ -166,6 +173,31 @@ fn commit_rejects_other_image_or_size() {
     let message = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{message}");
     assert!(message.contains("made for another image"), "{message}");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn commit_of_attached_files_names_attachment() {
+    let Some(sandbox) = Sandbox::new("commit_of_attached_files_names_attachment", &[]) else {
+        return;
+    };
+    let (image, overlay, device) = attach_changed_overlay(&sandbox, 5);
+    let image_before = sha256(&image);
+
+    let output = sandbox.run(["commit".as_ref(), overlay.as_os_str(), image.as_os_str()]);
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert!(
+        message.contains("as loop0"),
+        "names the attachment: {message}"
+    );
+    assert!(
+        message.contains("loopfuse detach loop0"),
+        "says how to free it: {message}"
+    );
+    assert_eq!(sha256(&image), image_before, "image changed");
+
+    sandbox.detach(&device);
     sandbox.assert_clean();
 }
 

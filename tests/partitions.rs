@@ -307,6 +307,30 @@ fn read_only_partitions_refuse_writes() {
 }
 
 #[test]
+fn detach_of_partition_file_is_refused() {
+    let Some(sandbox) = Sandbox::new("detach_of_partition_file_is_refused", &["sfdisk"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 16 * MIB);
+    sfdisk(&image, "label: dos\n,4M,83\n");
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+    let name = sandbox.list()[0]["name"].as_str().unwrap().to_string();
+
+    let output = sandbox.run(["detach".as_ref(), partition_file(&device, 1).as_os_str()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("loopfuse detach {name}")),
+        "names the whole device: {stderr}"
+    );
+    assert_eq!(sandbox.list().len(), 1, "still attached");
+    assert!(partition_file(&device, 1).exists());
+
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
+#[test]
 fn partitions_match_kernel_where_supported() {
     let test = "partitions_match_kernel_where_supported";
     if !is_root() {

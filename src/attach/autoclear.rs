@@ -48,20 +48,25 @@ impl SessionStop {
     }
 
     /// Unmounts for `reason`, lazily when a plain unmount fails, so the session always ends.
-    pub(super) fn stop(&self, reason: &str) {
+    /// Returns whether it unmounted lazily: the session then ends after the last close.
+    pub(super) fn stop(&self, reason: &str) -> bool {
         let taken = self
             .unmounter
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
         let Some(mut unmounter) = taken else {
-            return;
+            return false;
         };
 
         log::info!("{}: {reason}, unmounting", self.name);
-        if let Err(error) = unmounter.unmount() {
-            log::warn!("{}: unmount failed ({error}); detaching lazily", self.name);
-            let _ = umount2(&self.mountpoint, MntFlags::MNT_DETACH);
+        match unmounter.unmount() {
+            Ok(()) => false,
+            Err(error) => {
+                log::warn!("{}: unmount failed ({error}); detaching lazily", self.name);
+                let _ = umount2(&self.mountpoint, MntFlags::MNT_DETACH);
+                true
+            }
         }
     }
 }

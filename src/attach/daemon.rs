@@ -109,11 +109,7 @@ pub fn serve(
         while let Ok(signal) = signals.wait() {
             if signal == Signal::SIGUSR2 {
                 log::info!("{signal_name}: autoclear requested");
-                let recorded =
-                    signal_registry.update_state(&signal_name, |state| state.autoclear = true);
-                if let Err(error) = recorded {
-                    log::warn!("{signal_name}: failed to record autoclear: {error}");
-                }
+                record_autoclear(&signal_registry, &signal_name);
                 autoclear.arm();
                 continue;
             }
@@ -130,7 +126,11 @@ pub fn serve(
                 continue;
             }
 
-            stop.stop(&format!("{signal} received"));
+            if stop.stop(&format!("{signal} received")) {
+                // Served until the last close, like a busy kernel loop device after
+                // `losetup -d`, which shows autoclear meanwhile.
+                record_autoclear(&signal_registry, &signal_name);
+            }
             break;
         }
     });
@@ -171,6 +171,13 @@ struct Mounted {
     scanner: Option<Arc<PartitionScanner>>,
     /// Watcher that detaches the attachment after the last close, once armed.
     autoclear: Autoclear,
+}
+
+/// Records in the state file that the attachment goes after its last close.
+fn record_autoclear(registry: &Registry, name: &str) {
+    if let Err(error) = registry.update_state(name, |state| state.autoclear = true) {
+        log::warn!("{name}: failed to record autoclear: {error}");
+    }
 }
 
 fn stop_signals() -> SigSet {

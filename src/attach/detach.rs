@@ -27,6 +27,11 @@ pub enum DetachError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
 
+    #[error(
+        "{query}: is a partition of {name}, and a partition cannot be detached on its own; detach the whole device with 'loopfuse detach {name}'"
+    )]
+    Partition { query: String, name: String },
+
     #[error("{name}: device is busy: a process still has a file open on {} (close it, then detach again; 'fuser -vm {}' lists the processes)", mountpoint.display(), mountpoint.display())]
     Busy { name: String, mountpoint: PathBuf },
 
@@ -84,8 +89,21 @@ pub enum DetachError {
 /// and its registry files are removed.
 pub fn detach(registry: &Registry, query: &str) -> Result<Entry, DetachError> {
     let entry = registry.find(query)?;
+    if names_partition(&entry, query) {
+        return Err(DetachError::Partition {
+            query: query.to_string(),
+            name: entry.state.name.clone(),
+        });
+    }
     detach_entry(registry, &entry)?;
     Ok(entry)
+}
+
+/// Returns whether `query` names one of the partition files of `entry` rather than the
+/// attachment: `losetup -d` of `/dev/loop0p1` fails too, instead of detaching `loop0`.
+fn names_partition(entry: &Entry, query: &str) -> bool {
+    let path = crate::registry::resolve_path(Path::new(query));
+    path.parent() == Some(entry.mountpoint.as_path()) && path != entry.device()
 }
 
 /// Detaches every attachment of the registry, reporting each failure as it happens.

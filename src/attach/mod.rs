@@ -35,7 +35,8 @@ pub use lifecycle::{Lifecycle, LifecycleError};
 pub use mountinfo::is_mounted;
 pub use namespace::NamespaceError;
 pub use options::{
-    AttachOptions, SECTOR_SIZES, device_range, read_only_if_write_protected, validate,
+    AttachOptions, SECTOR_SIZES, device_range, explain_lock_conflict, read_only_if_write_protected,
+    validate,
 };
 pub use partitions::{RescanError, rescan};
 pub use run::{EXEC_SUBCOMMAND, RunError, exec_in_place, exec_unblocked, run_attached};
@@ -100,6 +101,9 @@ pub enum AttachError {
         name: String,
         read_only: bool,
     },
+
+    #[error("{}: still attached as {name}, which was unmounted and goes once a process closes its device file; stop that process, or wait", path.display())]
+    DetachingWhenClosed { path: PathBuf, name: String },
 
     #[error("{}: cannot mount at {} (run 'loopfuse doctor' to check the environment)", image.display(), mountpoint.display())]
     Mount {

@@ -210,7 +210,7 @@ fn check_overlay(
 
 /// Replaces a lock conflict with one naming the attachment that holds the lock, when the
 /// registry lists it as the image or the overlay of an attachment.
-fn explain_lock_conflict(error: ImageError, registry: &Registry) -> AttachError {
+pub fn explain_lock_conflict(error: ImageError, registry: &Registry) -> AttachError {
     let ImageError::Locked { path, .. } = &error else {
         return error.into();
     };
@@ -221,6 +221,13 @@ fn explain_lock_conflict(error: ImageError, registry: &Registry) -> AttachError 
     });
 
     match holder {
+        // Unmounted lazily, by `run` or `losetup -d` of a busy device: served until closed.
+        Some(entry) if entry.state.autoclear && !super::is_mounted(&entry.mountpoint) => {
+            AttachError::DetachingWhenClosed {
+                path: path.clone(),
+                name: entry.state.name,
+            }
+        }
         Some(entry) => AttachError::AlreadyAttached {
             path: path.clone(),
             // An image under an overlay is opened read-only, whatever the device allows.

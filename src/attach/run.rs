@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 
@@ -61,14 +61,33 @@ pub fn exec_in_place(command: &[OsString]) -> u8 {
     };
     let error = std::process::Command::new(program).args(arguments).exec();
 
+    let name = PathBuf::from(program);
+    if error.kind() == io::ErrorKind::NotFound || !found_anywhere(program) {
+        eprintln!(
+            "loopfuse: {}: command not found (check its name and PATH)",
+            name.display()
+        );
+        return STATUS_NOT_FOUND;
+    }
     eprintln!(
         "loopfuse: {}: cannot run the command: {error}",
-        PathBuf::from(program).display()
+        name.display()
     );
-    match error.kind() {
-        io::ErrorKind::NotFound => STATUS_NOT_FOUND,
-        _ => STATUS_NOT_EXECUTABLE,
+    STATUS_NOT_EXECUTABLE
+}
+
+/// Returns whether `program` names an existing file, directly when it holds a slash and
+/// otherwise in a directory of `PATH`. `execvp` reports EACCES when a directory of `PATH`
+/// cannot be searched, even if the program is nowhere; a shell says "not found" then.
+fn found_anywhere(program: &OsString) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+
+    let program = Path::new(program);
+    if program.as_os_str().as_bytes().contains(&b'/') {
+        return program.exists();
     }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|directory| directory.join(program).is_file())
 }
 
 /// Exit status of a command that could not be executed, as in shells.
@@ -272,10 +291,14 @@ fn detach_after_run(registry: &Registry, name: &str) -> Result<(), DetachError> 
         Ok(_) => Ok(()),
         // Detached already, by the command itself or by another 'loopfuse detach'.
         Err(DetachError::Registry(RegistryError::NotFound { .. })) => Ok(()),
-        Err(busy @ DetachError::Busy { .. }) => {
+        Err(DetachError::Busy { mountpoint, .. }) => {
             // NOTE: the daemon then serves the lazily detached mount until that process
             // closes the device, and its registry entry stays until then.
-            log::warn!("{}; detaching lazily", crate::error_chain(&busy));
+            log::warn!(
+                "{name}: a process the command left behind still has a file open on {} ('fuser -vm {}' lists it); unmounting lazily, so the attachment goes once it closes the file",
+                mountpoint.display(),
+                mountpoint.display()
+            );
             let entry = registry.find(name)?;
             let _ = kill(Pid::from_raw(entry.state.pid.pid), Signal::SIGTERM);
             // The daemon unmounts lazily on SIGTERM. Waiting for that lets a `detach` right

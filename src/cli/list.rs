@@ -21,6 +21,9 @@ struct ListedAttachment<'a> {
     overlay: Option<String>,
     /// Whether the overlay is a snapshot's, removed at detach.
     snapshot: bool,
+    /// Whether it detaches after the last close (`--autoclear`, a busy `losetup -d`, or a
+    /// lazy unmount).
+    autoclear: bool,
     pid: i32,
     state: &'static str,
     cache: &'a str,
@@ -78,6 +81,7 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
             .as_ref()
             .map(|path| path.display().to_string()),
         snapshot: entry.state.snapshot,
+        autoclear: entry.state.autoclear,
         pid: entry.state.pid.pid,
         state: state_of(entry),
         cache: &entry.state.cache,

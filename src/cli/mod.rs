@@ -21,8 +21,9 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::attach::{self, AttachOptions, SECTOR_SIZES};
-use crate::block::overlay;
+use crate::block::overlay::{self, OverlayError};
 use crate::fs::CacheMode;
+use crate::image::ImageError;
 use crate::registry::Registry;
 pub use doctor::DoctorArgs;
 pub use lifecycle::LifecycleArgs;
@@ -395,7 +396,14 @@ fn run_commit(args: &CommitArgs) -> CommandResult {
     });
     bar.finish();
 
-    let report = result?;
+    let report = match result {
+        // The files are attached: name the attachment, as attach does.
+        Err(OverlayError::Image(error @ ImageError::Locked { .. })) => {
+            let registry = Registry::for_current_user()?;
+            return Err(attach::explain_lock_conflict(error, &registry).into());
+        }
+        result => result?,
+    };
     println!(
         "{}: committed into {}: {} of data written, {} made zero (as holes where possible)",
         args.overlay.display(),

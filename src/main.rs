@@ -1,6 +1,7 @@
 //! The `loopfuse` command: parses arguments, sets up logging and runs the library.
 #![forbid(unsafe_code)]
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,13 +15,34 @@ fn main() -> ExitCode {
         return ExitCode::from(handoff::answer_fusermount());
     }
     // Called through a link named losetup, the arguments are those of 'loopfuse losetup'.
-    let cli = if losetup::invoked_as_losetup() {
-        Cli::parse_from(losetup::losetup_argv())
+    let arguments: Vec<OsString> = if losetup::invoked_as_losetup() {
+        losetup::losetup_argv()
     } else {
-        Cli::parse()
+        std::env::args_os().collect()
+    };
+    let cli = match Cli::try_parse_from(&arguments) {
+        Ok(cli) => cli,
+        Err(error) => return parse_failure(&error, &arguments),
     };
     init_logging(&cli);
     run(cli)
+}
+
+/// Prints a command-line error and returns its exit status: clap's (2 for a usage error)
+/// except in the losetup front, where util-linux exits 1 for every usage error.
+fn parse_failure(error: &clap::Error, arguments: &[OsString]) -> ExitCode {
+    use clap::error::ErrorKind;
+
+    let is_losetup = arguments.get(1).is_some_and(|command| command == "losetup");
+    let informational = matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    );
+    if !is_losetup || informational {
+        error.exit();
+    }
+    let _ = error.print();
+    ExitCode::FAILURE
 }
 
 /// Logs to standard error: warnings by default, more with -v, and `info` for the daemon,

@@ -315,8 +315,8 @@ fn device_name(argument: &OsString) -> String {
     argument.to_string_lossy().into_owned()
 }
 
-/// Runs a losetup command line and returns its exit status: 0 on success, 1 on failure, 2
-/// for an invalid command line.
+/// Runs a losetup command line and returns its exit status: 0 on success, 1 on failure,
+/// including an invalid command line, as util-linux exits.
 pub fn run(args: &LosetupArgs) -> ExitCode {
     match execute(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -324,11 +324,7 @@ pub fn run(args: &LosetupArgs) -> ExitCode {
         Err(error) if error.is::<NotAllDetached>() => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("losetup: {}", crate::error_chain(error.as_ref()));
-            if error.is::<UsageError>() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::FAILURE
         }
     }
 }

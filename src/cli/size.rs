@@ -4,29 +4,15 @@
 /// powers of 1024; the same letters followed by `B` are powers of 1000.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    // A `0x` prefix takes a hexadecimal number, as util-linux's losetup accepts it.
-    let (digits, radix) = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
-        Some(hex) => (hex, 16),
-        None => (text, 10),
-    };
-    let digits_end = digits
-        .find(|c: char| !c.is_digit(radix))
-        .unwrap_or(digits.len());
-    let (number, rest) = digits.split_at(digits_end);
+    let (number, radix, rest) = split_number(text);
     if number.is_empty() {
         return Err(format!(
             "invalid size '{text}': expected a number of bytes, optionally with a suffix such as 4K, 1MiB or 2G"
         ));
     }
-    // A decimal fraction such as 1.5M, as util-linux accepts it.
-    let (fraction, suffix) = match rest.strip_prefix('.') {
-        Some(after) if radix == 10 => {
-            let end = after
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(after.len());
-            after.split_at(end)
-        }
-        _ => ("", rest),
+    let (fraction, suffix) = match radix {
+        10 => split_fraction(rest),
+        _ => (String::new(), rest),
     };
 
     let value = u64::from_str_radix(number, radix)
@@ -44,8 +30,48 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         ));
     }
     whole
-        .checked_add(fraction_of(fraction, multiplier))
+        .checked_add(fraction_of(&fraction, multiplier))
         .ok_or_else(too_large)
+}
+
+/// Splits `text` into its leading digits, their radix and the rest. As in util-linux (and
+/// C's `strtoumax` with base 0), `0x` starts a hexadecimal number and a leading `0` an
+/// octal one: `-o 010` is 8 bytes there.
+fn split_number(text: &str) -> (&str, u32, &str) {
+    let (digits, radix) =
+        if let Some(hex) = text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+            (hex, 16)
+        } else if text.len() > 1
+            && text.starts_with('0')
+            && text[1..].starts_with(|c: char| c.is_ascii_digit())
+        {
+            (&text[1..], 8)
+        } else {
+            (text, 10)
+        };
+    let end = digits
+        .find(|c: char| !c.is_digit(radix))
+        .unwrap_or(digits.len());
+    let (number, rest) = digits.split_at(end);
+    (number, radix, rest)
+}
+
+/// Splits the decimal fraction (`.5` of `1.5M`) off `rest` and returns its digits and the
+/// suffix. As util-linux does, further points are skipped while the digits read so far are
+/// all zeros, so `1..M` and `1.0.0M` are 1 MiB and `1.0.5M` is 1.05 MiB.
+fn split_fraction(mut rest: &str) -> (String, &str) {
+    let mut fraction = String::new();
+    while let Some(after) = rest.strip_prefix('.') {
+        if fraction.chars().any(|digit| digit != '0') {
+            break;
+        }
+        let end = after
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(after.len());
+        fraction.push_str(&after[..end]);
+        rest = &after[end..];
+    }
+    (fraction, rest)
 }
 
 /// Returns `0.DIGITS` times `multiplier`, rounded down to whole bytes.
@@ -94,6 +120,13 @@ mod tests {
             ("0.5KiB", 512),
             ("2.25MB", 2_250_000),
             ("1.M", 1 << 20),
+            ("1..M", 1 << 20),
+            ("1.0.0M", 1 << 20),
+            ("1.05K", 1075),
+            ("010", 8),
+            ("0100", 64),
+            ("0", 0),
+            ("0K", 0),
         ];
         for (text, expected) in cases {
             assert_eq!(parse_size(text), Ok(expected), "size {text}");
@@ -116,6 +149,9 @@ mod tests {
             "16E",
             "0x",
             "0xG",
+            "08",
+            "1.5.5M",
+            "1.0.",
         ] {
             assert!(parse_size(text).is_err(), "size {text}");
         }

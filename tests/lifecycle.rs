@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::unprivileged::Unprivileged;
 use common::{Sandbox, find_tool, pattern, wait_until};
-use loopfuse::registry::AttachmentState;
+use loopfuse::registry::{AttachmentState, ProcessId};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -189,19 +189,24 @@ fn run_killed_by_sigkill_leaves_nothing() {
     let mut child = run_command(&sandbox, &[], &image, &script).spawn().unwrap();
     wait_for_ready(&sandbox, &mut child);
 
-    // SIGKILL cannot be forwarded; the daemon notices that run is gone and detaches.
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let daemon = saved_state(&sandbox).pid;
-    let detached = wait_until(Duration::from_secs(3), || !daemon.is_running());
-
     let command: i32 = fs::read_to_string(sandbox.path("command.pid"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
-    let _ = kill(Pid::from_raw(command), Signal::SIGKILL);
+    let command = ProcessId::of(command).expect("the command runs");
+
+    // SIGKILL cannot be forwarded; the daemon notices that run is gone and detaches, and
+    // the command gets SIGTERM from the kernel as run dies.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let daemon = saved_state(&sandbox).pid;
+    let detached = wait_until(Duration::from_secs(3), || !daemon.is_running());
+    let command_ended = wait_until(Duration::from_secs(3), || !command.is_running());
+
+    let _ = kill(Pid::from_raw(command.pid), Signal::SIGKILL);
     assert!(detached, "daemon {} still runs", daemon.pid);
+    assert!(command_ended, "command {} still runs", command.pid);
     sandbox.assert_clean();
 }
 

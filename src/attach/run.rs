@@ -38,10 +38,23 @@ pub const EXEC_SUBCOMMAND: &str = "exec-unblocked";
 /// Unblocks the forwarded signals and replaces this process with `command`, searching
 /// `PATH` as a shell does. Returns only when the command cannot be executed, with the exit
 /// status a shell would give: 127 when it is not found, 126 otherwise.
-pub fn exec_unblocked(command: &[OsString]) -> u8 {
+///
+/// With `parent`, the PID of `run`, the command gets SIGTERM when `run` dies, so that a
+/// `kill -9` of `run` does not leave it running on a device that is being detached.
+pub fn exec_unblocked(command: &[OsString], parent: Option<i32>) -> u8 {
     let unblocked = SigSet::from_iter(FORWARDED_SIGNALS).thread_unblock();
     if let Err(error) = unblocked {
         log::warn!("cannot unblock SIGINT, SIGTERM and SIGHUP for the command: {error}");
+    }
+    if let Some(parent) = parent {
+        if let Err(error) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
+            log::warn!("cannot tie the command to loopfuse run: {error}");
+        }
+        // run died before the request took effect: the signal will not come.
+        if nix::unistd::getppid() != Pid::from_raw(parent) {
+            eprintln!("loopfuse: run exited before its command started; not running it");
+            return STATUS_SIGNAL_BASE + Signal::SIGTERM as u8;
+        }
     }
     exec_in_place(command)
 }
@@ -202,6 +215,8 @@ fn run_command(
     let trampoline = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("loopfuse"));
     let mut child = match Command::new(&trampoline)
         .arg(EXEC_SUBCOMMAND)
+        .arg("--parent")
+        .arg(std::process::id().to_string())
         .arg("--")
         .args(command)
         .envs(device_environment(attached, registry))

@@ -220,6 +220,10 @@ pub struct CommitArgs {
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
+    /// PID of the 'run' process, whose death sends SIGTERM to the command.
+    #[arg(long, value_name = "PID")]
+    pub parent: Option<i32>,
+
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<std::ffi::OsString>,
@@ -281,7 +285,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Commit(args) => run_commit(&args),
         Command::Daemon(args) => run_daemon(&args),
         Command::ExecUnblocked(args) => {
-            return ExitCode::from(attach::exec_unblocked(&args.command));
+            return ExitCode::from(attach::exec_unblocked(&args.command, args.parent));
         }
         Command::DriverLog => {
             attach::inherited::close_inherited_descriptors(&[]);

@@ -17,7 +17,7 @@ use nix::mount::{MntFlags, umount2};
 
 use super::detach::{BUSY_RETRY, DetachError, unmount_once};
 use crate::fs::{DeviceFs, DeviceTable};
-use crate::registry::ProcessId;
+use crate::registry::{ProcessId, Registry};
 
 /// Pause between a last close and the unmount attempt, during which the kernel finishes
 /// the close and a program that reopens at once gets its file first.
@@ -34,40 +34,65 @@ const OWNER_POLL: Duration = Duration::from_millis(200);
 pub(super) struct SessionStop {
     name: String,
     mountpoint: PathBuf,
+    registry: Registry,
     /// Taken by the first stop, so a second request does nothing.
     unmounter: Mutex<Option<SessionUnmounter>>,
 }
 
 impl SessionStop {
-    pub(super) fn new(name: &str, mountpoint: PathBuf, unmounter: SessionUnmounter) -> Self {
+    pub(super) fn new(
+        name: &str,
+        mountpoint: PathBuf,
+        registry: Registry,
+        unmounter: SessionUnmounter,
+    ) -> Self {
         Self {
             name: name.to_string(),
             mountpoint,
+            registry,
             unmounter: Mutex::new(Some(unmounter)),
         }
     }
 
     /// Unmounts for `reason`, lazily when a plain unmount fails, so the session always ends.
-    /// Returns whether it unmounted lazily: the session then ends after the last close.
-    pub(super) fn stop(&self, reason: &str) -> bool {
+    pub(super) fn stop(&self, reason: &str) {
         let taken = self
             .unmounter
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .take();
         let Some(mut unmounter) = taken else {
-            return false;
+            return;
         };
 
         log::info!("{}: {reason}, unmounting", self.name);
-        match unmounter.unmount() {
-            Ok(()) => false,
-            Err(error) => {
-                log::warn!("{}: unmount failed ({error}); detaching lazily", self.name);
-                let _ = umount2(&self.mountpoint, MntFlags::MNT_DETACH);
-                true
+        // A plain unmount first: fuser's own unmount is lazy for unprivileged users, which
+        // would hide that the device is still open.
+        match unmount_once(&self.name, &self.mountpoint) {
+            Ok(()) => return,
+            Err(DetachError::Busy { .. }) => {
+                log::warn!(
+                    "{}: device busy; unmounting lazily, so it goes after the last close",
+                    self.name
+                );
+                // Served until the last close, like a busy kernel loop device after
+                // `losetup -d`, which shows autoclear meanwhile. Recorded before the lazy
+                // unmount, so that whoever sees the mount gone also sees the flag.
+                record_autoclear(&self.registry, &self.name);
             }
+            Err(error) => log::debug!("{error}; unmounting through the session"),
         }
+        if let Err(error) = unmounter.unmount() {
+            log::warn!("{}: unmount failed ({error}); detaching lazily", self.name);
+            let _ = umount2(&self.mountpoint, MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Records in the state file that the attachment goes after its last close.
+pub(super) fn record_autoclear(registry: &Registry, name: &str) {
+    if let Err(error) = registry.update_state(name, |state| state.autoclear = true) {
+        log::warn!("{name}: failed to record autoclear: {error}");
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 
-use super::autoclear::{Autoclear, SessionStop, watch_owner};
+use super::autoclear::{Autoclear, SessionStop, record_autoclear, watch_owner};
 use super::partitions::PartitionScanner;
 use super::supervisor::PidFile;
 use super::{AttachError, AttachOptions, device_range};
@@ -96,6 +96,7 @@ pub fn serve(
     let stop = Arc::new(SessionStop::new(
         name,
         mountpoint.clone(),
+        registry.clone(),
         session.unmount_callable(),
     ));
     autoclear.clone().spawn(name.to_string(), mountpoint);
@@ -126,11 +127,7 @@ pub fn serve(
                 continue;
             }
 
-            if stop.stop(&format!("{signal} received")) {
-                // Served until the last close, like a busy kernel loop device after
-                // `losetup -d`, which shows autoclear meanwhile.
-                record_autoclear(&signal_registry, &signal_name);
-            }
+            stop.stop(&format!("{signal} received"));
             break;
         }
     });
@@ -171,13 +168,6 @@ struct Mounted {
     scanner: Option<Arc<PartitionScanner>>,
     /// Watcher that detaches the attachment after the last close, once armed.
     autoclear: Autoclear,
-}
-
-/// Records in the state file that the attachment goes after its last close.
-fn record_autoclear(registry: &Registry, name: &str) {
-    if let Err(error) = registry.update_state(name, |state| state.autoclear = true) {
-        log::warn!("{name}: failed to record autoclear: {error}");
-    }
 }
 
 fn stop_signals() -> SigSet {

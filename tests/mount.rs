@@ -697,6 +697,67 @@ fn ntfs_round_trip_or_clear_refusal() {
 
 /// Two partitions of one image mounted at the same time share one attachment, which goes
 /// away with the last of them.
+/// A partition that the table gives another number while it is mounted still has its
+/// filesystem mounted: a mount of it under the new number, or of the disk around it, would
+/// start a second driver on it. The kernel refuses a partition overlapping one in use.
+#[test]
+fn renumbered_partition_is_not_mounted_twice() {
+    let test = "renumbered_partition_is_not_mounted_twice";
+    let tools = ["sfdisk", "mkfs.ext4", "fuse2fs"];
+    let Some(sandbox) = Sandbox::new(test, &tools) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    sfdisk(&image, "label: gpt\n,24M,L\n,,L\n");
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+    run_ok(
+        "mkfs.ext4",
+        [
+            "-q".as_ref(),
+            "-F".as_ref(),
+            device.with_file_name("p1").as_os_str(),
+        ],
+    );
+    sandbox.detach(&device);
+
+    let first = sandbox.path("first");
+    let second = sandbox.path("second");
+    fs::create_dir(&first).unwrap();
+    fs::create_dir(&second).unwrap();
+    let image_name = image.to_str().unwrap();
+    mount(&sandbox, &format!("{image_name}:1"), &first);
+    let disk = sandbox.list()[0]["device"].as_str().unwrap().to_string();
+    // Partition 2 now covers the bytes of the mounted partition 1 (sectors 2048-51199).
+    sfdisk(
+        Path::new(&disk),
+        "label: gpt\n1: start=51200, size=20480\n2: start=2048, size=49152\n",
+    );
+
+    let first_name = first.to_str().unwrap();
+    let renumbered = format!("{image_name}:2");
+    for source in [renumbered.as_str(), image_name] {
+        mount_rejected(
+            &sandbox,
+            &["mount", source],
+            &second,
+            &["shares bytes with the filesystem mounted on", first_name],
+        );
+    }
+    let listing = sandbox.run(["list"]);
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let row = listing
+        .lines()
+        .find(|line| line.starts_with("loop0p2 "))
+        .unwrap();
+    assert!(
+        row.contains(first_name),
+        "the mount shows next to p2: {listing}"
+    );
+
+    umount(&sandbox, &first);
+    sandbox.assert_clean();
+}
+
 #[test]
 fn two_partitions_mount_at_once() {
     let test = "two_partitions_mount_at_once";

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::text::escape_control;
-use crate::registry::{Entry, Liveness, MountRecord, Stage};
+use crate::registry::{DiskRange, Entry, Liveness, MountRecord, Stage};
 
 /// One attachment as `list --json` prints it.
 #[derive(Debug, Serialize)]
@@ -115,21 +115,81 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
     }
 }
 
-/// Returns the directory a filesystem on `partition` (`None` for the disk) is mounted on,
-/// marked when its driver has exited, or "-".
-fn mountpoint_of(mounts: &[ListedMount], partition: Option<u32>) -> String {
+/// Returns whether `mounted` is the filesystem on `partition` (`None` for the disk), which
+/// now covers `range`. A mount keeps the range it was made on, so after a change of the
+/// table it may belong to no partition, or to one with another number.
+fn is_mounted_on(mounted: &ListedMount, partition: Option<u32>, range: Option<DiskRange>) -> bool {
+    match mounted.record.range {
+        Some(held) => Some(held) == range,
+        None => mounted.record.partition == partition,
+    }
+}
+
+/// Returns the directory a filesystem on `partition` (`None` for the disk), which covers
+/// `range`, is mounted on, marked when its driver has exited, or "-".
+fn mountpoint_of(
+    mounts: &[ListedMount],
+    partition: Option<u32>,
+    range: Option<DiskRange>,
+) -> String {
     let Some(mounted) = mounts
         .iter()
-        .find(|mounted| mounted.record.partition == partition)
+        .find(|mounted| is_mounted_on(mounted, partition, range))
     else {
         return "-".to_string();
     };
+    mount_cell(mounted)
+}
+
+fn mount_cell(mounted: &ListedMount) -> String {
     let directory = mounted.record.directory.display();
     if mounted.driver_exited {
         format!("{directory}[driver-exited]")
     } else {
         directory.to_string()
     }
+}
+
+fn range_of(partition: &ListedPartition) -> DiskRange {
+    DiskRange {
+        start: partition.start,
+        size: partition.size,
+    }
+}
+
+/// Returns a row for each mount whose bytes no partition of the current table covers: the
+/// table changed after the mount, and its driver still uses the old partition.
+fn outdated_mount_rows(entry: &Entry, item: &ListedAttachment) -> Vec<Vec<String>> {
+    let current = |mounted: &&ListedMount| {
+        is_mounted_on(mounted, None, entry.state.range_of(None))
+            || item.partitions.iter().any(|partition| {
+                is_mounted_on(mounted, Some(partition.number), Some(range_of(partition)))
+            })
+    };
+    let outdated = item.mounts.iter().filter(|mounted| !current(mounted));
+    outdated
+        .map(|mounted| {
+            let record = mounted.record;
+            let range = record.range.unwrap_or(DiskRange { start: 0, size: 0 });
+            let name = match record.partition {
+                Some(number) => format!("{}p{number}", item.name),
+                None => item.name.to_string(),
+            };
+            vec![
+                name,
+                range.size.to_string(),
+                (item.offset + range.start).to_string(),
+                u8::from(item.read_only).to_string(),
+                item.pid.to_string(),
+                "partition".to_string(),
+                "(old table)".to_string(),
+                mount_cell(mounted),
+                item.image.clone(),
+                item.overlay.clone().unwrap_or_else(|| "-".to_string()),
+                record.device.display().to_string(),
+            ]
+        })
+        .collect()
 }
 
 /// Renders `entries` as `{"attachments": [...]}` followed by a newline.
@@ -186,7 +246,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
             item.pid.to_string(),
             item.state.to_string(),
             item.partition_table.unwrap_or("-").to_string(),
-            mountpoint_of(&item.mounts, None),
+            mountpoint_of(&item.mounts, None, entry.state.range_of(None)),
             item.image.clone(),
             overlay.clone(),
             item.device.clone(),
@@ -200,12 +260,17 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
                 item.pid.to_string(),
                 "partition".to_string(),
                 partition.type_name.clone(),
-                mountpoint_of(&item.mounts, Some(partition.number)),
+                mountpoint_of(
+                    &item.mounts,
+                    Some(partition.number),
+                    Some(range_of(partition)),
+                ),
                 item.image.clone(),
                 overlay.clone(),
                 partition.device.clone(),
             ]);
         }
+        rows.extend(outdated_mount_rows(entry, &item));
     }
 
     let rows: Vec<Vec<String>> = rows

@@ -86,6 +86,12 @@ pub enum MountError {
         directory: PathBuf,
     },
 
+    #[error("{source_name}: shares bytes with the filesystem mounted on {} (the partition table changed since, or one contains the other), and a second driver writing them would corrupt it; 'loopfuse umount' that directory first", directory.display())]
+    OverlapsMount {
+        source_name: String,
+        directory: PathBuf,
+    },
+
     #[error("{source_name}: the image is attached for the mount on {} with other options (read-only, offset, size limit or sector size), and cannot be attached twice; mount with the same options, or 'loopfuse umount' it first", directory.display())]
     ImageMounted {
         source_name: String,
@@ -315,6 +321,10 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
     }
     let read_only = attach_options.read_only;
 
+    let range = registry
+        .find(&attached.name)?
+        .state
+        .range_of(options.partition);
     let mut record = MountRecord {
         directory: directory.clone(),
         device: device.clone(),
@@ -323,6 +333,7 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         driver: driver.program.to_string(),
         driver_pid: None,
         owns_attachment: true,
+        range,
     };
     registry.update_state(&attached.name, |state| state.mounts.push(record.clone()))?;
     if reused.is_some() {
@@ -411,7 +422,7 @@ fn explain_mounted_image(
     let AttachError::AlreadyAttached { name, .. } = &error else {
         return error.into();
     };
-    if let Err(mounted @ MountError::MountedElsewhere { .. }) =
+    if let Err(mounted @ (MountError::MountedElsewhere { .. } | MountError::OverlapsMount { .. })) =
         check_not_mounted(registry, name, partition, source_name)
     {
         return mounted;
@@ -434,6 +445,9 @@ fn explain_mounted_image(
 
 /// Rejects a second mount of a filesystem that attachment `name` already serves: two
 /// drivers writing one filesystem would corrupt it, where the kernel shares one mount.
+/// Mounts are compared by the bytes they cover. So a mounted partition under a new number,
+/// or the disk around a mounted partition, is rejected too, as the kernel rejects a block
+/// device that overlaps one in use.
 fn check_not_mounted(
     registry: &Registry,
     name: &str,
@@ -441,13 +455,21 @@ fn check_not_mounted(
     source_name: &str,
 ) -> Result<(), MountError> {
     let entry = registry.find(name)?;
+    let requested = entry.state.range_of(partition);
     let mounted = entry
         .state
         .mounts
         .iter()
-        .find(|record| record.partition == partition);
+        .find(|record| match (record.range, requested) {
+            (Some(held), Some(requested)) => held.overlaps(&requested),
+            _ => record.partition == partition,
+        });
     match mounted {
-        Some(record) => Err(MountError::MountedElsewhere {
+        Some(record) if record.partition == partition => Err(MountError::MountedElsewhere {
+            source_name: source_name.to_string(),
+            directory: record.directory.clone(),
+        }),
+        Some(record) => Err(MountError::OverlapsMount {
             source_name: source_name.to_string(),
             directory: record.directory.clone(),
         }),

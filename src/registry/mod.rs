@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-pub use mount_record::MountRecord;
+pub use mount_record::{DiskRange, MountRecord};
 pub use process::ProcessId;
 
 /// Name of the device file of the whole disk inside an attachment's mount point.
@@ -122,6 +122,26 @@ pub struct AttachmentState {
     /// was deleted or replaced, as the kernel loop driver keeps them.
     #[serde(default)]
     pub image_id: Option<FileId>,
+}
+
+impl AttachmentState {
+    /// Returns the bytes of the disk device that partition `number` covers (the whole
+    /// device for `None`), as of the last scan.
+    pub fn range_of(&self, number: Option<u32>) -> Option<DiskRange> {
+        let Some(number) = number else {
+            return Some(DiskRange {
+                start: 0,
+                size: self.size,
+            });
+        };
+        self.partitions
+            .iter()
+            .find(|partition| partition.number == number)
+            .map(|partition| DiskRange {
+                start: partition.start,
+                size: partition.size,
+            })
+    }
 }
 
 /// Device and inode numbers of a file.

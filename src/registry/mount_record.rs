@@ -23,6 +23,25 @@ pub struct MountRecord {
     pub driver_pid: Option<ProcessId>,
     /// Whether `loopfuse mount` attached the image itself, so `umount` detaches it too.
     pub owns_attachment: bool,
+    /// Bytes of the disk device the filesystem occupied when it was mounted. The driver
+    /// keeps that range even if the partition table changes. Absent in older records.
+    #[serde(default)]
+    pub range: Option<DiskRange>,
+}
+
+/// A range of bytes of an attachment's disk device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRange {
+    pub start: u64,
+    pub size: u64,
+}
+
+impl DiskRange {
+    /// Returns whether the two ranges share at least one byte.
+    pub fn overlaps(&self, other: &DiskRange) -> bool {
+        self.start < other.start.saturating_add(other.size)
+            && other.start < self.start.saturating_add(self.size)
+    }
 }
 
 impl MountRecord {

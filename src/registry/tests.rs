@@ -124,6 +124,7 @@ fn concurrent_updates_keep_both_changes() {
                             driver: "fuse2fs".to_string(),
                             driver_pid: None,
                             owns_attachment: true,
+                            range: None,
                         })
                     })
                     .unwrap();

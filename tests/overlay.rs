@@ -201,6 +201,42 @@ fn commit_of_attached_files_names_attachment() {
     sandbox.assert_clean();
 }
 
+/// A block device cannot tell data from holes (`SEEK_DATA` fails with EINVAL), so an
+/// overlay over one copies every block it first writes to in part.
+#[test]
+fn overlay_over_block_device_takes_small_writes() {
+    let test = "overlay_over_block_device_takes_small_writes";
+    let Some(sandbox) = Sandbox::new(test, &["losetup"]) else {
+        return;
+    };
+    if !is_root() {
+        common::skip(test, "a kernel loop device needs root");
+        return;
+    }
+    let image = base_image(&sandbox, "base.img", 11);
+    let before = sha256(&image);
+    let base = common::kernel_loop(&image);
+    let overlay = sandbox.path("changes.overlay");
+    let device = sandbox.attach(overlay_args(&overlay, Path::new(&base.0)));
+
+    let change = pattern(4096, 12);
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+    file.write_all_at(&change, 4096).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    let mut expected = fs::read(&image).unwrap();
+    expected[4096..8192].copy_from_slice(&change);
+    assert!(
+        fs::read(&device).unwrap() == expected,
+        "device bytes differ"
+    );
+
+    sandbox.detach(&device);
+    drop(base);
+    assert_eq!(sha256(&image), before, "base changed");
+    sandbox.assert_clean();
+}
+
 #[test]
 fn snapshot_leaves_nothing_after_detach() {
     let Some(sandbox) = Sandbox::new("snapshot_leaves_nothing_after_detach", &[]) else {

@@ -486,11 +486,15 @@ fn has_data(device: &dyn BlockDevice, start: u64, end: u64) -> io::Result<bool> 
     Ok(find_data(device, start, end)?.is_some())
 }
 
-/// Returns the first data offset of `device` in `start..end`, if any.
+/// Returns the first data offset of `device` in `start..end`, if any. A device that cannot
+/// tell data from holes (a block device fails `SEEK_DATA` with EINVAL) is all data.
 fn find_data(device: &dyn BlockDevice, start: u64, end: u64) -> io::Result<Option<u64>> {
     match device.seek_data(start) {
         Ok(found) => Ok((found < end).then_some(found)),
         Err(error) if error.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+            Ok((start < end).then_some(start))
+        }
         Err(error) => Err(error),
     }
 }

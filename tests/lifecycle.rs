@@ -804,6 +804,44 @@ fn detach_all_during_attach_leaks_nothing() {
 /// When the command of `run` leaves a process holding the device, `run` unmounts lazily and
 /// the daemon serves that process until it closes the device. `detach` then reports that at once
 /// (it used to wait 120 s for the daemon), and the attachment goes after the last close.
+/// A program that opens the device path while the device is being detached must fail, as
+/// with a detached kernel loop device, instead of creating a file in the bare directory
+/// that then keeps the name in use.
+#[test]
+fn writes_racing_detach_create_nothing() {
+    let Some(sandbox) = Sandbox::new("writes_racing_detach_create_nothing", &[]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    let before = common::sha256(&image);
+    for _ in 0..10 {
+        let device = sandbox.attach([image.as_os_str()]);
+        assert!(device.ends_with("loop0/disk"), "{}", device.display());
+        let writing = std::sync::atomic::AtomicBool::new(true);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // As `echo x > DEVICE` opens it: created when missing. The pause lets the
+                // unmount find the device closed, which it needs.
+                while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&device);
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            });
+            let detach = sandbox.loopfuse(["detach"]).arg(&device).output();
+            writing.store(false, std::sync::atomic::Ordering::Relaxed);
+            let detach = detach.unwrap();
+            assert!(detach.status.success(), "{}", stderr_of(&detach));
+        });
+        assert!(!device.exists(), "{} was created", device.display());
+        sandbox.assert_clean();
+    }
+    assert_eq!(common::sha256(&image), before, "image changed");
+}
+
 #[test]
 fn detach_after_lazy_run_reports_holder() {
     let test = "detach_after_lazy_run_reports_holder";

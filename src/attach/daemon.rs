@@ -136,6 +136,11 @@ pub fn serve(
     if let Err(error) = &served {
         log::error!("{name}: FUSE session ended with an error: {error}");
     }
+    // At once, not after the flush: until then, a program opening a partition path would
+    // create a file in the bare directory.
+    if !super::is_mounted(&registry.mountpoint(name)) {
+        registry.retire_mountpoint(name);
+    }
 
     // A snapshot is removed with the registry entry, so flushing it would only cost time.
     let flushed = if options.snapshot {

@@ -162,6 +162,29 @@ impl FileId {
     }
 }
 
+/// Removes an unmounted device directory: its placeholder, and files that programs created
+/// in it after the unmount, whose writes never reached the image (reported as a warning).
+/// `shown` is the directory's name before it was moved, for the message.
+fn remove_device_directory(directory: &Path, shown: &Path) {
+    let _ = fs::remove_dir(directory.join(DISK_FILE));
+    let strays: Vec<PathBuf> = fs::read_dir(directory)
+        .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
+        .unwrap_or_default();
+    for stray in &strays {
+        let name = stray.file_name().unwrap_or_default();
+        log::warn!(
+            "{}: created by a program after the device was unmounted; its writes did not reach the image, and it is removed",
+            shown.join(name).display()
+        );
+        let _ = fs::remove_file(stray).or_else(|_| fs::remove_dir_all(stray));
+    }
+    if let Err(error) = fs::remove_dir(directory)
+        && error.kind() != io::ErrorKind::NotFound
+    {
+        log::warn!("{}: cannot remove: {error}", directory.display());
+    }
+}
+
 /// A partition as recorded in the state file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionState {
@@ -360,18 +383,26 @@ impl Registry {
         let name = self.free_name();
 
         let mountpoint = self.mountpoint(&name);
+        let io_error = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| RegistryError::Io { path, source }
+        };
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&mountpoint)
-            .map_err(|source| RegistryError::Io {
-                path: mountpoint.clone(),
-                source,
-            })?;
+            .map_err(io_error(&mountpoint))?;
         let reservation = Reservation {
             registry: self,
             name: name.clone(),
             kept: false,
         };
+        // Hidden by the mount while attached. Once unmounted, a program that still opens
+        // the device path to write gets EISDIR instead of creating a file there.
+        let placeholder = mountpoint.join(DISK_FILE);
+        fs::DirBuilder::new()
+            .mode(0o500)
+            .create(&placeholder)
+            .map_err(io_error(&placeholder))?;
 
         state.name = name;
         self.write_state(&state)?;
@@ -436,7 +467,27 @@ impl Registry {
                 log::warn!("{}: cannot remove: {error}", path.display());
             }
         }
-        let _ = fs::remove_dir(self.mountpoint(name));
+        self.retire_mountpoint(name);
+    }
+
+    /// Moves the directory of attachment `name` out of the way and removes it, once it is
+    /// unmounted. After the rename, opening a device path fails with ENOENT, as a detached
+    /// loop device fails, instead of creating a file in the bare directory.
+    pub fn retire_mountpoint(&self, name: &str) {
+        let mountpoint = self.mountpoint(name);
+        let retired = self
+            .root
+            .join(format!(".{name}.removed.{}", std::process::id()));
+        match fs::rename(&mountpoint, &retired) {
+            Ok(()) => remove_device_directory(&retired, &mountpoint),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            // Still mounted (EBUSY), or not renamable: only an empty directory is removed.
+            Err(error) => {
+                log::debug!("{}: cannot rename: {error}", mountpoint.display());
+                let _ = fs::remove_dir(mountpoint.join(DISK_FILE));
+                let _ = fs::remove_dir(&mountpoint);
+            }
+        }
     }
 
     /// Reads every attachment, sorted by number.

@@ -231,6 +231,21 @@ impl Sandbox {
             Vec::<serde_json::Value>::new(),
             "registry entries left behind"
         );
+        // Lock files stay; device directories, state files and logs must not.
+        let leftovers: Vec<String> = fs::read_dir(self.registry())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .filter(|name| !name.ends_with(".lock"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(
+            leftovers,
+            Vec::<String>::new(),
+            "registry files left behind"
+        );
     }
 }
 

@@ -164,8 +164,8 @@ impl FileId {
 
 /// Removes an unmounted device directory: its placeholder, and files that programs created
 /// in it after the unmount, whose writes never reached the image (reported as a warning).
-/// `shown` is the directory's name before it was moved, for the message.
-fn remove_device_directory(directory: &Path, shown: &Path) {
+/// `original` is its path before it was moved, for the message.
+fn remove_device_directory(directory: &Path, original: &Path) {
     let _ = fs::remove_dir(directory.join(DISK_FILE));
     let strays: Vec<PathBuf> = fs::read_dir(directory)
         .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
@@ -174,7 +174,7 @@ fn remove_device_directory(directory: &Path, shown: &Path) {
         let name = stray.file_name().unwrap_or_default();
         log::warn!(
             "{}: created by a program after the device was unmounted; its writes did not reach the image, and it is removed",
-            shown.join(name).display()
+            original.join(name).display()
         );
         let _ = fs::remove_file(stray).or_else(|_| fs::remove_dir_all(stray));
     }

@@ -228,12 +228,13 @@ fn read_logical_chain(
             return Ok(());
         }
         // The kernel would read the chain around again until it runs out of partition numbers,
-        // listing the same partitions many times. A loop is corruption, so reject the table.
+        // listing the same partitions many times. Each is listed once here, as util-linux does.
         if !visited.insert(ebr_start) {
-            return Err(PartitionError::EbrLoop {
+            table.warnings.push(PartitionWarning::EbrChainStopped {
                 lba: ebr_lba(ebr_start),
-                offset: ebr_start,
+                reason: EbrStop::Loop,
             });
+            return Ok(());
         }
 
         if !disk.contains(ebr_start, BOOT_SECTOR_LEN as u64) {

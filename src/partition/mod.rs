@@ -123,9 +123,6 @@ pub enum PartitionError {
         backup: GptHeaderError,
     },
 
-    #[error("MBR logical partition chain loops back to the EBR at LBA {lba} ({offset:#x})")]
-    EbrLoop { lba: u64, offset: u64 },
-
     #[error("MBR {field} of {sectors} sectors does not fit in a 64-bit byte count")]
     Overflow { field: &'static str, sectors: u64 },
 }
@@ -135,9 +132,9 @@ pub enum PartitionError {
 /// Returns `Ok(None)` when the device contains no partition table: no `0x55AA` boot signature,
 /// or a boot sector whose entries have boot indicators other than `0x00` and `0x80` (such as
 /// a FAT boot sector). A table that is present but unusable is an error: every GPT header
-/// copy is invalid, a protective MBR entry is malformed, or the logical partition chain
-/// loops. Partitions that start past the end of the device are left out and partitions that
-/// run past it are cut short, with a warning for each.
+/// copy is invalid, or a protective MBR entry is malformed. Partitions that start past the
+/// end of the device are left out and partitions that run past it are cut short, and a
+/// chain of logical partitions that loops ends where it closes, with a warning for each.
 ///
 /// # Limitations
 ///

@@ -65,6 +65,8 @@ pub enum EbrStop {
     PastEnd,
     /// 100 links in a row contained no logical partition. The kernel stops there too.
     TooManyEmptyLinks,
+    /// A link points back to an EBR of the chain read before.
+    Loop,
 }
 
 impl fmt::Display for EbrStop {
@@ -73,6 +75,7 @@ impl fmt::Display for EbrStop {
             EbrStop::MissingSignature => "it has no 0x55AA signature",
             EbrStop::PastEnd => "it lies past the end of the device",
             EbrStop::TooManyEmptyLinks => "100 EBRs in a row contained no partition",
+            EbrStop::Loop => "the chain loops back to it (read once)",
         })
     }
 }

@@ -33,29 +33,41 @@ fn mbr_logical_numbers_follow_chain_not_disk_order() {
     }
 }
 
+/// A loop in the chain ends it where it closes: the partitions read so far, primaries
+/// included, stay, each listed once as util-linux lists them.
 #[test]
-fn mbr_logical_chain_that_loops_is_an_error() {
+fn mbr_logical_chain_that_loops_stops_there() {
     for sector_size in SECTOR_SIZES {
         let mut image = standard_mbr(sector_size);
+        let before = layout(&table_of(image.clone(), sector_size));
         // The last EBR (at 512 + 512) links back to the second (at 512 + 256).
         let last = (512 + 512) * sector_size + 0x1BE + 16;
         image[last + 4] = 0x05;
         image[last + 8..last + 12].copy_from_slice(&256u32.to_le_bytes());
         image[last + 12..last + 16].copy_from_slice(&200u32.to_le_bytes());
 
-        let error = scan_image(image, sector_size).unwrap_err();
+        let table = table_of(image, sector_size);
 
-        assert!(
-            matches!(error, PartitionError::EbrLoop { lba: 768, .. }),
-            "{error:?}"
+        assert_eq!(layout(&table), before);
+        assert_eq!(
+            table.warnings,
+            [PartitionWarning::EbrChainStopped {
+                lba: 768,
+                reason: EbrStop::Loop
+            }]
         );
     }
 }
 
 #[test]
-fn mbr_chain_linking_to_itself_is_an_error() {
+fn mbr_chain_linking_to_itself_keeps_its_partition() {
     let mut image = vec![0; 64 * 512];
-    write_boot_sector(&mut image, 512, 0, &[mbr_entry(0x05, 8, 40)]);
+    write_boot_sector(
+        &mut image,
+        512,
+        0,
+        &[mbr_entry(0x83, 1, 6), mbr_entry(0x05, 8, 40)],
+    );
     // The first EBR links to offset 0 of the extended partition: itself.
     write_boot_sector(
         &mut image,
@@ -64,17 +76,22 @@ fn mbr_chain_linking_to_itself_is_an_error() {
         &[mbr_entry(0x83, 2, 4), mbr_entry(0x05, 0, 40)],
     );
 
-    let error = scan_image(image, 512).unwrap_err();
+    let table = table_of(image, 512);
 
-    assert!(
-        matches!(
-            error,
-            PartitionError::EbrLoop {
-                lba: 8,
-                offset: 4096
-            }
-        ),
-        "{error:?}"
+    assert_eq!(
+        layout(&table),
+        [
+            (1, 512, 6 * 512),
+            (2, 8 * 512, 1024),
+            (5, 10 * 512, 4 * 512)
+        ]
+    );
+    assert_eq!(
+        table.warnings,
+        [PartitionWarning::EbrChainStopped {
+            lba: 8,
+            reason: EbrStop::Loop
+        }]
     );
 }
 

@@ -562,6 +562,22 @@ fn failed_mounts_leave_nothing_behind() {
 
     let stderr = mount_fails(&sandbox, &[image.as_os_str(), directory.as_os_str()]);
     assert!(stderr.contains("GPT partition table"), "{stderr}");
+
+    // An extended partition holds the logical ones, which the error names.
+    let dos = sandbox.sparse_image("dos.img", 32 * MIB);
+    sfdisk(&dos, "label: dos\n,4M,L\n,,E\n,4M,L\n,4M,L\n");
+    let dos_name = dos.to_str().unwrap();
+    let stderr = mount_fails(
+        &sandbox,
+        &[format!("{dos_name}:2").as_ref(), directory.as_os_str()],
+    );
+    assert!(stderr.contains("is an extended partition"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "logical partitions are 5, 6; mount one of those, as in '{dos_name}:5'"
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -98,6 +98,11 @@ pub enum MountError {
         directory: PathBuf,
     },
 
+    #[error(
+        "{source_name}: is an extended partition, which holds logical partitions, not a filesystem: {advice}"
+    )]
+    ExtendedPartition { source_name: String, advice: String },
+
     #[error("{source_name}: no partition {partition} ({found})")]
     NoPartition {
         source_name: String,
@@ -275,6 +280,7 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
         check_not_mounted(registry, &attached.name, options.partition, &source_name)?;
     }
     let mut device = device_file(registry, &attached, options.partition, &source_name)?;
+    check_not_extended(registry, &attached.name, options.partition, &source_name)?;
     let fstype = match options.fstype {
         Some(fstype) => fstype,
         None => identify(&device, &source_name)?,
@@ -590,6 +596,58 @@ fn device_file(
         source_name: source_name.to_string(),
         partition: number,
         found,
+    })
+}
+
+/// Rejects an MBR extended partition, which holds the logical partitions rather than a
+/// filesystem, and names those partitions.
+fn check_not_extended(
+    registry: &Registry,
+    name: &str,
+    partition: Option<u32>,
+    source_name: &str,
+) -> Result<(), MountError> {
+    let Some(number) = partition else {
+        return Ok(());
+    };
+    let state = registry.find(name)?.state;
+    let Some(extended) = state.partitions.iter().find(|found| {
+        found.number == number && crate::partition::is_extended_type(&found.type_name)
+    }) else {
+        return Ok(());
+    };
+    // The state keeps only the extended partition's first sector or two, as the kernel
+    // exposes it, so its logical partitions are those up to the next extended partition.
+    let next_extended = state
+        .partitions
+        .iter()
+        .filter(|found| {
+            found.start > extended.start && crate::partition::is_extended_type(&found.type_name)
+        })
+        .map(|found| found.start)
+        .min()
+        .unwrap_or(u64::MAX);
+    let logical: Vec<String> = state
+        .partitions
+        .iter()
+        .filter(|found| {
+            found.number >= 5 && found.start > extended.start && found.start < next_extended
+        })
+        .map(|found| found.number.to_string())
+        .collect();
+    let image = source_name
+        .rsplit_once(':')
+        .map_or(source_name, |(image, _)| image);
+    let advice = match logical.first() {
+        Some(first) => format!(
+            "its logical partitions are {}; mount one of those, as in '{image}:{first}'",
+            logical.join(", ")
+        ),
+        None => "it holds no logical partition".to_string(),
+    };
+    Err(MountError::ExtendedPartition {
+        source_name: source_name.to_string(),
+        advice,
     })
 }
 

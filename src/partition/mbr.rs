@@ -73,6 +73,14 @@ impl Entry {
     }
 }
 
+/// Returns whether a partition type as this module names it (`0x05`) is an extended
+/// partition: a container of logical partitions rather than a filesystem.
+pub fn is_extended_type(type_name: &str) -> bool {
+    EXTENDED_TYPES
+        .iter()
+        .any(|&kind| type_name.eq_ignore_ascii_case(&format!("0x{kind:02x}")))
+}
+
 /// The four entries of an MBR or EBR whose boot signature is present.
 pub(super) struct BootSector {
     entries: [Entry; 4],

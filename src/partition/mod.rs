@@ -22,6 +22,7 @@ use std::io;
 use crate::block::BlockDevice;
 
 pub use gpt::{GptHeaderError, GptProblem};
+pub use mbr::is_extended_type;
 pub use warning::{EbrStop, PartitionWarning};
 
 /// The highest partition number the kernel creates. It reserves 256 minors per disk

@@ -515,7 +515,8 @@ fn mount_fails(sandbox: &Sandbox, args: &[&std::ffi::OsStr]) -> String {
 #[test]
 fn failed_mounts_leave_nothing_behind() {
     let test = "failed_mounts_leave_nothing_behind";
-    let Some(sandbox) = Sandbox::new(test, &["sfdisk", "mkfs.vfat", "fuse2fs"]) else {
+    let tools = ["sfdisk", "fdisk", "mkfs.vfat", "fuse2fs"];
+    let Some(sandbox) = Sandbox::new(test, &tools) else {
         return;
     };
     let image = sandbox.sparse_image("disk.img", 64 * MIB);
@@ -562,6 +563,32 @@ fn failed_mounts_leave_nothing_behind() {
 
     let stderr = mount_fails(&sandbox, &[image.as_os_str(), directory.as_os_str()]);
     assert!(stderr.contains("GPT partition table"), "{stderr}");
+
+    // A GPT made with 4096-byte sectors is ignored with 512-byte ones, and the error says
+    // which size to give.
+    let gpt4k = sandbox.sparse_image("gpt4k.img", 32 * MIB);
+    let mut fdisk = std::process::Command::new("fdisk")
+        .args(["-b", "4096"])
+        .arg(&gpt4k)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    fdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"g\nn\n\n\n+8M\nw\n")
+        .unwrap();
+    assert!(fdisk.wait().unwrap().success(), "fdisk failed");
+    let gpt4k_name = gpt4k.to_str().unwrap();
+    let stderr = mount_fails(
+        &sandbox,
+        &[format!("{gpt4k_name}:1").as_ref(), directory.as_os_str()],
+    );
+    assert!(stderr.contains("partition table was ignored"), "{stderr}");
+    assert!(stderr.contains("attach with '-b 4096'"), "{stderr}");
 
     // An extended partition holds the logical ones, which the error names.
     let dos = sandbox.sparse_image("dos.img", 32 * MIB);

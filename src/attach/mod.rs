@@ -88,7 +88,7 @@ pub enum AttachError {
         len: u64,
     },
 
-    #[error("{}: device of {size} bytes is smaller than one {sector_size}-byte sector", path.display())]
+    #[error("{}: device of {size} bytes is smaller than one {sector_size}-byte sector; grow the image, or give a smaller sector size with -b", path.display())]
     SmallerThanSector {
         path: PathBuf,
         size: u64,
@@ -167,6 +167,7 @@ fn initial_state(options: &AttachOptions, offset: u64, size: u64) -> AttachmentS
         snapshot: options.snapshot,
         pid: ProcessId::current(),
         partition_table: None,
+        partition_problem: None,
         partitions: Vec::new(),
         scans: 0,
         cache: options.cache.to_string(),

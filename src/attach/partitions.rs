@@ -82,15 +82,12 @@ impl PartitionScanner {
             .scanning
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let table = match partition::scan(self.disk.as_ref(), self.sector_size) {
-            Ok(table) => table,
+        let (table, problem) = match partition::scan(self.disk.as_ref(), self.sector_size) {
+            Ok(table) => (table, None),
             Err(error) => {
-                log::warn!(
-                    "{}: partition table ignored: {}",
-                    self.name,
-                    crate::error_chain(&error)
-                );
-                None
+                let problem = crate::error_chain(&error);
+                log::warn!("{}: partition table ignored: {problem}", self.name);
+                (None, Some(problem))
             }
         };
         if let Some(table) = &table {
@@ -108,7 +105,7 @@ impl PartitionScanner {
         if layout != old_layout {
             self.replace_partitions(table.as_ref(), &old_layout);
         }
-        self.record(table.as_ref());
+        self.record(table.as_ref(), problem);
     }
 
     fn replace_partitions(&self, table: Option<&PartitionTable>, old_layout: &[(u32, u64, u64)]) {
@@ -150,8 +147,8 @@ impl PartitionScanner {
         }
     }
 
-    /// Writes the scan result to the state file.
-    fn record(&self, table: Option<&PartitionTable>) {
+    /// Writes the scan result to the state file, with the reason a table was ignored.
+    fn record(&self, table: Option<&PartitionTable>, problem: Option<String>) {
         let partitions: Vec<PartitionState> = table
             .iter()
             .flat_map(|table| &table.partitions)
@@ -167,6 +164,7 @@ impl PartitionScanner {
 
         let recorded = self.registry.update_state(&self.name, |state| {
             state.partition_table = scheme;
+            state.partition_problem = problem;
             state.partitions = partitions;
             state.scans += 1;
         });

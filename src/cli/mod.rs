@@ -337,13 +337,27 @@ fn run_attach(args: &AttachArgs) -> CommandResult {
     if args.foreground {
         attach::attach_foreground(&options, &registry, |attached| {
             println!("{}", attached.device.display());
+            warn_if_table_ignored(&registry, &attached.name);
         })?;
         return Ok(());
     }
 
     let attached = attach::attach(&options, &registry)?;
     println!("{}", attached.device.display());
+    warn_if_table_ignored(&registry, &attached.name);
     Ok(())
+}
+
+/// Warns when the partition scan of attachment `name` found a table and ignored it, whose
+/// reason is otherwise only in the daemon's log.
+fn warn_if_table_ignored(registry: &Registry, name: &str) {
+    let problem = registry
+        .find(name)
+        .ok()
+        .and_then(|entry| entry.state.partition_problem);
+    if let Some(problem) = problem {
+        log::warn!("{name}: partition table ignored: {problem}");
+    }
 }
 
 fn run_detach(args: &DetachArgs) -> CommandResult {
@@ -389,7 +403,9 @@ fn run_list(args: &ListArgs) -> CommandResult {
 
 fn run_rescan(args: &RescanArgs) -> CommandResult {
     let registry = Registry::for_current_user()?;
-    attach::rescan(&registry, &args.target)?;
+    let entry = attach::rescan(&registry, &args.target)?;
+    // As after `blockdev --rereadpt`, the scan succeeded, perhaps without a usable table.
+    warn_if_table_ignored(&registry, &entry.state.name);
     Ok(())
 }
 

@@ -590,7 +590,10 @@ fn device_file(
             )
         }
         (Some(scheme), None) => format!("the {scheme} table has no partitions"),
-        (None, None) => "no partition table found".to_string(),
+        (None, None) => match state.partition_problem {
+            Some(problem) => format!("the partition table was ignored: {problem}"),
+            None => "no partition table found".to_string(),
+        },
     };
     Err(MountError::NoPartition {
         source_name: source_name.to_string(),

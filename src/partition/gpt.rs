@@ -174,6 +174,12 @@ pub(super) fn read_table(
                 backup
             }
             Err(backup_error) => {
+                if let Some(sector_size) = other_sector_size(disk) {
+                    return Err(PartitionError::GptSectorSize {
+                        sector_size,
+                        scanned: disk.sector_size as u32,
+                    });
+                }
                 return Err(PartitionError::NoValidGpt {
                     primary: primary_error,
                     backup: backup_error,
@@ -195,6 +201,20 @@ pub(super) fn read_table(
         partitions,
         warnings,
     })
+}
+
+/// Returns the other logical sector size (512 or 4096) whose LBA 1 holds a GPT signature:
+/// a disk partitioned with that sector size, scanned with the wrong one.
+fn other_sector_size(disk: &Disk<'_>) -> Option<u32> {
+    let other = match disk.sector_size {
+        512 => 4096,
+        _ => 512,
+    };
+    if !disk.contains(other, 8) {
+        return None;
+    }
+    let bytes = disk.read(other, 8).ok()?;
+    (le_u64(&bytes, 0) == SIGNATURE).then_some(other as u32)
 }
 
 /// Reads and checks the header copy at `lba` and its entry array.

@@ -118,6 +118,11 @@ pub enum PartitionError {
     #[error("MBR entry {slot} has the GPT type 0xee but starts at LBA {first_lba}, expected LBA 1")]
     ProtectiveMbrNotAtLba1 { slot: u32, first_lba: u32 },
 
+    #[error(
+        "the GPT header is where {sector_size}-byte sectors put it, but the disk was read with {scanned}-byte sectors; attach with '-b {sector_size}'"
+    )]
+    GptSectorSize { sector_size: u32, scanned: u32 },
+
     #[error("no valid GPT: primary {primary}, and backup {backup}")]
     NoValidGpt {
         primary: GptHeaderError,

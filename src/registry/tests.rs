@@ -15,6 +15,7 @@ fn state(image: &str) -> AttachmentState {
         snapshot: false,
         pid: ProcessId::current(),
         partition_table: None,
+        partition_problem: None,
         partitions: Vec::new(),
         scans: 0,
         cache: String::new(),

@@ -413,19 +413,23 @@ fn gpt_unknown_revision_is_a_warning() {
     );
 }
 
+/// A GPT made with one logical sector size and read with the other has its header at the
+/// other size's LBA 1, and the error names the size to attach with.
 #[test]
-fn gpt_wrong_sector_size_is_an_error() {
-    // A 4096-byte-sector GPT read as 512-byte sectors has no header at either 512-byte LBA.
-    let error = error_of(standard_gpt(4096), 512);
+fn gpt_wrong_sector_size_names_the_right_one() {
+    for (made, read) in [(4096, 512), (512, 4096)] {
+        let error = error_of(standard_gpt(made), read);
 
-    let PartitionError::NoValidGpt { primary, backup } = error else {
-        panic!("expected NoValidGpt, got {error:?}");
-    };
-    assert!(matches!(
-        primary.problem,
-        GptProblem::Signature { found: 0 }
-    ));
-    assert_eq!(backup.lba, GPT_SECTORS * 8 - 1);
+        assert!(
+            matches!(
+                error,
+                PartitionError::GptSectorSize { sector_size, scanned }
+                    if sector_size == made as u32 && scanned == read as u32
+            ),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains(&format!("-b {made}")), "{error}");
+    }
 }
 
 #[test]

@@ -203,6 +203,44 @@ fn commit_of_attached_files_names_attachment() {
 
 /// A block device cannot tell data from holes (`SEEK_DATA` fails with EINVAL), so an
 /// overlay over one copies every block it first writes to in part.
+/// Runs loopfuse with `args`, which must fail with exit status 1 and a message containing
+/// `expected`, leaving nothing attached.
+fn assert_rejected(sandbox: &Sandbox, args: &[&std::ffi::OsStr], expected: &str) {
+    let output = sandbox.run(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    sandbox.assert_clean();
+}
+
+#[test]
+fn damaged_overlays_are_explained() {
+    let Some(sandbox) = Sandbox::new("damaged_overlays_are_explained", &[]) else {
+        return;
+    };
+    let (image, overlay, device) = attach_changed_overlay(&sandbox, 7);
+    sandbox.detach(&device);
+    let image_before = sha256(&image);
+    let attach = "attach".as_ref();
+    let commit = "commit".as_ref();
+    let with_overlay = "--overlay".as_ref();
+
+    let cut = sandbox.image_with("cut.overlay", &fs::read(&overlay).unwrap()[..100]);
+    let args = [attach, with_overlay, cut.as_os_str(), image.as_os_str()];
+    assert_rejected(&sandbox, &args, "overlay file is cut short: 100 bytes");
+    let empty = sandbox.image_with("empty.overlay", &[]);
+    let args = [commit, empty.as_os_str(), image.as_os_str()];
+    assert_rejected(&sandbox, &args, "overlay file is empty");
+    let args = [commit, image.as_os_str(), overlay.as_os_str()];
+    assert_rejected(&sandbox, &args, "the overlay comes first");
+    let linked = sandbox.path("linked.img");
+    fs::hard_link(&image, &linked).unwrap();
+    let args = [attach, with_overlay, linked.as_os_str(), image.as_os_str()];
+    assert_rejected(&sandbox, &args, "the same file");
+
+    assert_eq!(sha256(&image), image_before, "image changed");
+}
+
 #[test]
 fn overlay_over_block_device_takes_small_writes() {
     let test = "overlay_over_block_device_takes_small_writes";

@@ -422,6 +422,12 @@ fn run_commit(args: &CommitArgs) -> CommandResult {
             let registry = Registry::for_current_user()?;
             return Err(attach::explain_lock_conflict(error, &registry).into());
         }
+        Err(error @ OverlayError::NotAnOverlay { .. }) => {
+            return Err(format!(
+                "{error}; the overlay comes first: 'loopfuse commit OVERLAY IMAGE'"
+            )
+            .into());
+        }
         result => result?,
     };
     println!(

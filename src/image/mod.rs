@@ -46,6 +46,9 @@ pub enum ImageError {
     #[error("{}: permission denied for writing; make it writable, for example with 'chmod u+w {}'", path.display(), path.display())]
     NotWritable { path: PathBuf },
 
+    #[error("{}: permission denied for writing, and it belongs to user {uid}; ask its owner for write access, or work on a copy", path.display())]
+    NotWritableByOwner { path: PathBuf, uid: u32 },
+
     #[error("{}: is a {kind}, not an image file (give a regular file or a block device)", path.display())]
     NotAFile { path: PathBuf, kind: &'static str },
 
@@ -146,8 +149,13 @@ fn open_file(path: &Path, access: Access) -> Result<File, ImageError> {
     std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
     options.open(path).map_err(|source| {
         if access == Access::ReadWrite && source.kind() == io::ErrorKind::PermissionDenied {
-            ImageError::NotWritable {
-                path: path.to_path_buf(),
+            let path = path.to_path_buf();
+            // Only the owner (or root) can change the mode, so the advice depends on it.
+            let uid = metadata.uid();
+            if uid == nix::unistd::geteuid().as_raw() {
+                ImageError::NotWritable { path }
+            } else {
+                ImageError::NotWritableByOwner { path, uid }
             }
         } else {
             open_error(path, source)

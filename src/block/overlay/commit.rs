@@ -45,6 +45,11 @@ pub fn commit(
         });
     }
     check_distinct(overlay_path, image_path)?;
+    if std::fs::metadata(overlay_path).is_ok_and(|metadata| metadata.len() == 0) {
+        return Err(OverlayError::EmptyOverlay {
+            path: overlay_path.to_path_buf(),
+        });
+    }
     let base = Image::open(image_path, Access::ReadWrite)?;
     let store = Image::open(overlay_path, Access::ReadWrite)?;
     let io_error = |operation| move |source| OverlayError::io(overlay_path, operation, source);
@@ -68,11 +73,13 @@ pub fn commit(
 
     header.committing = true;
     write_header(&store, &header).map_err(io_error("marking the commit in the header"))?;
-    let report = copy_blocks(&map, &layout, &store, &base, progress).map_err(|source| {
-        OverlayError::io(base.path(), "writing the overlay into the image", source)
-    })?;
-    base.flush()
-        .map_err(|source| OverlayError::io(base.path(), "flushing the image", source))?;
+    let failed = |source| OverlayError::CommitFailed {
+        path: overlay_path.to_path_buf(),
+        base: base.path().to_path_buf(),
+        source,
+    };
+    let report = copy_blocks(&map, &layout, &store, &base, progress).map_err(failed)?;
+    base.flush().map_err(failed)?;
 
     empty_overlay(&store, &layout).map_err(io_error("emptying the overlay"))?;
     header.base = identity_of(&base)?;
@@ -192,10 +199,11 @@ fn copy_run(
 /// Rejects an overlay and an image that are the same file, before either is locked, which
 /// would report the second lock as an attachment in the way.
 pub fn check_distinct(overlay_path: &Path, image_path: &Path) -> Result<(), OverlayError> {
-    let same = match (
-        std::fs::canonicalize(overlay_path),
-        std::fs::canonicalize(image_path),
-    ) {
+    use std::os::unix::fs::MetadataExt;
+
+    // Device and inode, so that symbolic and hard links to the image are caught too.
+    let identity = |path| std::fs::metadata(path).map(|metadata| (metadata.dev(), metadata.ino()));
+    let same = match (identity(overlay_path), identity(image_path)) {
         (Ok(overlay), Ok(image)) => overlay == image,
         _ => false,
     };

@@ -32,12 +32,22 @@ pub enum OverlayError {
         source: io::Error,
     },
 
-    #[error("{}: not a loopfuse overlay (first bytes {found}, expected \"{expected}\"); check the order of the arguments", path.display())]
+    #[error("{}: not a loopfuse overlay (first bytes {found}, expected \"{expected}\")", path.display())]
     NotAnOverlay {
         path: PathBuf,
         found: String,
         expected: String,
     },
+
+    #[error("{}: overlay file is cut short: {len} bytes, where its header alone takes {header_len}; it cannot be used, so restore it from a copy or start a new overlay", path.display())]
+    Truncated {
+        path: PathBuf,
+        len: u64,
+        header_len: u64,
+    },
+
+    #[error("{}: overlay file is empty, so it holds no changes to commit", path.display())]
+    EmptyOverlay { path: PathBuf },
 
     #[error("{}: overlay format version {found} is not supported (expected {expected})", path.display())]
     UnsupportedVersion {
@@ -46,7 +56,7 @@ pub enum OverlayError {
         expected: u32,
     },
 
-    #[error("{}: invalid overlay header: {field} is {found}, expected {expected}", path.display())]
+    #[error("{}: invalid overlay header: {field} is {found}, expected {expected}; the overlay is damaged, so restore it from a copy or start a new overlay", path.display())]
     BadHeader {
         path: PathBuf,
         field: &'static str,
@@ -77,6 +87,13 @@ pub enum OverlayError {
         region: &'static str,
         found: String,
         expected: String,
+    },
+
+    #[error("{}: writing the overlay into it failed, so the image is partly updated; fix the cause below (free space, for example), then run 'loopfuse commit {} {}' again to finish it", base.display(), path.display(), base.display())]
+    CommitFailed {
+        path: PathBuf,
+        base: PathBuf,
+        source: io::Error,
     },
 
     #[error("{}: a commit into {} was interrupted, so the image is partly updated; run 'loopfuse commit {} {}' again to finish it", path.display(), base.display(), path.display(), base.display())]

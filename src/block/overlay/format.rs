@@ -122,6 +122,13 @@ impl Header {
             found,
             expected,
         };
+        if bytes.len() < HEADER_LEN as usize && bytes.starts_with(MAGIC) {
+            return Err(OverlayError::Truncated {
+                path: path.to_path_buf(),
+                len: bytes.len() as u64,
+                header_len: HEADER_LEN,
+            });
+        }
         if bytes.len() < HEADER_LEN as usize || &bytes[0..16] != MAGIC {
             let found = &bytes[..bytes.len().min(16)];
             return Err(OverlayError::NotAnOverlay {

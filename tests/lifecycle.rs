@@ -108,8 +108,8 @@ fn run_failure_keeps_command_status() {
 }
 
 #[test]
-fn run_forwards_sigterm_and_sigint() {
-    let Some(sandbox) = Sandbox::new("run_forwards_sigterm_and_sigint", &["cp", "sleep"]) else {
+fn run_forwards_ending_signals() {
+    let Some(sandbox) = Sandbox::new("run_forwards_ending_signals", &["cp", "sleep"]) else {
         return;
     };
     let image = sandbox.sparse_image("disk.img", 8 * MIB);
@@ -121,7 +121,13 @@ fn run_forwards_sigterm_and_sigint() {
         exec sleep 60"#
     );
 
-    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+    let signals = [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+    ];
+    for signal in signals {
         let _ = fs::remove_file(sandbox.path("ready"));
         let mut child = run_command(&sandbox, &[], &image, &script)
             .stderr(Stdio::piped())

@@ -29,8 +29,16 @@ use super::namespace::{self, NamespaceError};
 use super::{AttachError, AttachOptions, Attached, attach};
 use crate::registry::{Liveness, Registry, RegistryError};
 
-/// Signals forwarded to the command.
-const FORWARDED_SIGNALS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+/// Signals forwarded to the command: those that end or steer a process, which would
+/// otherwise end `run` and leave the command without its device.
+const FORWARDED_SIGNALS: [Signal; 6] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
 
 /// Hidden subcommand that unblocks the forwarded signals and executes the command in place.
 pub const EXEC_SUBCOMMAND: &str = "exec-unblocked";
@@ -44,7 +52,7 @@ pub const EXEC_SUBCOMMAND: &str = "exec-unblocked";
 pub fn exec_unblocked(command: &[OsString], parent: Option<i32>) -> u8 {
     let unblocked = SigSet::from_iter(FORWARDED_SIGNALS).thread_unblock();
     if let Err(error) = unblocked {
-        log::warn!("cannot unblock SIGINT, SIGTERM and SIGHUP for the command: {error}");
+        log::warn!("cannot unblock the forwarded signals for the command: {error}");
     }
     if let Some(parent) = parent {
         if let Err(error) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {

@@ -72,8 +72,8 @@ pub enum Command {
     /// Attach an image, run a command on it, then detach, also when the command fails.
     ///
     /// The command finds the device file in LOOPFUSE_DEV, its directory in LOOPFUSE_DIR and,
-    /// with -P, the partitions in LOOPFUSE_P1, LOOPFUSE_P2, ... SIGINT, SIGTERM and SIGHUP
-    /// are forwarded to it. The exit status is the command's, or 128+N when signal N killed
+    /// with -P, the partitions in LOOPFUSE_P1, LOOPFUSE_P2, ... SIGINT, SIGTERM, SIGHUP,
+    /// SIGQUIT, SIGUSR1 and SIGUSR2 are forwarded to it. The exit status is the command's, or 128+N when signal N killed
     /// it. Without a usable fusermount3, an unprivileged user's command runs in a private
     /// user namespace, the only place where the mount is visible.
     Run(RunArgs),

@@ -1,9 +1,9 @@
 //! Running one command on an attachment: attach, run the command with the device paths in
 //! its environment, and detach whatever becomes of the command.
 //!
-//! SIGINT, SIGTERM and SIGHUP sent to this process are forwarded to the command, which is
-//! then waited for before the detach. The daemon is tied to this process (`--until-exit`),
-//! so even a SIGKILL here leaves no attachment behind once the daemon notices.
+//! SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to this process are forwarded to
+//! the command, which is then waited for before the detach. The daemon is tied to this process
+//! (`--until-exit`), so even a SIGKILL here leaves no attachment behind once the daemon notices.
 //!
 //! When the setuid helper is unusable, an unprivileged caller first moves into a private
 //! user and mount namespace (see [`super::namespace`]). The daemon and the command inherit
@@ -131,7 +131,7 @@ pub enum RunError {
         source: NamespaceError,
     },
 
-    #[error("cannot set up forwarding of SIGINT, SIGTERM and SIGHUP to the command")]
+    #[error("cannot set up the forwarding of signals to the command")]
     Signals { source: nix::Error },
 
     #[error("{}: cannot run the command", program.display())]

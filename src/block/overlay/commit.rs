@@ -12,7 +12,7 @@ use super::error::OverlayError;
 use super::file::identity_of;
 use super::format::{Header, Layout};
 use super::map::{BlockMap, BlockState, read_exact, write_exact};
-use super::{find_data, read_header, write_zero_bytes};
+use super::{check_store_len, find_data, read_header, write_zero_bytes};
 use crate::block::BlockDevice;
 use crate::image::{Access, Image};
 
@@ -69,6 +69,8 @@ pub fn commit(
             .check(&identity_of(&base)?, overlay_path, base.path())?;
     }
     let layout = header.layout();
+    // An overlay cut short would read as zeros past its end and overwrite the image.
+    check_store_len(&store, &layout, overlay_path)?;
     let map = BlockMap::load(&store, &layout, overlay_path)?;
 
     header.committing = true;

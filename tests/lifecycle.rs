@@ -848,6 +848,39 @@ fn writes_racing_detach_create_nothing() {
     assert_eq!(common::sha256(&image), before, "image changed");
 }
 
+/// A name is a name wherever it is typed: inside the directory of loop0, `loop1` is not the
+/// path `loop0/loop1`, and neither is `loop0` itself.
+#[test]
+fn names_work_inside_device_directory() {
+    let Some(sandbox) = Sandbox::new("names_work_inside_device_directory", &[]) else {
+        return;
+    };
+    let first = sandbox.sparse_image("first.img", 8 * MIB);
+    let second = sandbox.sparse_image("second.img", 8 * MIB);
+    let device = sandbox.attach([first.as_os_str()]);
+    sandbox.attach([second.as_os_str()]);
+    let inside = device.parent().unwrap();
+
+    let detach_inside = |name: &str| {
+        sandbox
+            .loopfuse(["detach", name])
+            .current_dir(inside)
+            .output()
+            .unwrap()
+    };
+    let output = detach_inside("loop1");
+    assert!(output.status.success(), "loop1: {}", stderr_of(&output));
+    // The working directory keeps loop0 busy, as a kernel mount would be.
+    let output = detach_inside("loop0");
+    assert!(
+        stderr_of(&output).contains("device is busy"),
+        "loop0: {}",
+        stderr_of(&output)
+    );
+    sandbox.detach("loop0");
+    sandbox.assert_clean();
+}
+
 #[test]
 fn detach_after_lazy_run_reports_holder() {
     let test = "detach_after_lazy_run_reports_holder";

@@ -102,6 +102,9 @@ pub fn detach(registry: &Registry, query: &str) -> Result<Entry, DetachError> {
 /// Returns whether `query` names one of the partition files of `entry` rather than the
 /// attachment: `losetup -d` of `/dev/loop0p1` fails too, instead of detaching `loop0`.
 fn names_partition(entry: &Entry, query: &str) -> bool {
+    if query == entry.state.name {
+        return false;
+    }
     let path = crate::registry::resolve_path(Path::new(query));
     path.parent() == Some(entry.mountpoint.as_path()) && path != entry.device()
 }

@@ -553,13 +553,23 @@ impl Registry {
     /// inside it (`.../loop0/disk`, `.../loop0/p1`), or the image it serves.
     pub fn find(&self, query: &str) -> Result<Entry, RegistryError> {
         let entries = self.list()?;
+        // A name wins over a path: `loop1` typed inside the directory of loop0 is loop1.
+        if let Some(named) = entries.iter().find(|entry| entry.state.name == query) {
+            return Ok(named.clone());
+        }
+        // A bare word is a path only when such a file exists, so that a mistyped name is
+        // not taken for a file in the current directory.
+        if !query.contains('/') && !Path::new(query).exists() {
+            return Err(RegistryError::NotFound {
+                query: query.to_string(),
+            });
+        }
         let query_path = resolve_path(Path::new(query));
 
         let matches: Vec<Entry> = entries
             .into_iter()
             .filter(|entry| {
-                entry.state.name == query
-                    || entry.mountpoint == query_path
+                entry.mountpoint == query_path
                     || query_path.parent() == Some(entry.mountpoint.as_path())
                     || entry.is_image(&query_path)
             })

@@ -195,6 +195,16 @@ fn commit_of_attached_files_names_attachment() {
         message.contains("loopfuse detach loop0"),
         "says how to free it: {message}"
     );
+    // Through a symbolic link to the overlay too.
+    let link = sandbox.path("link.overlay");
+    std::os::unix::fs::symlink(&overlay, &link).unwrap();
+    let other = sandbox.sparse_image("other.img", MIB);
+    let output = sandbox.run(["commit".as_ref(), link.as_os_str(), other.as_os_str()]);
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("as loop0"),
+        "names the attachment: {message}"
+    );
     assert_eq!(sha256(&image), image_before, "image changed");
 
     sandbox.detach(&device);

@@ -217,7 +217,7 @@ pub fn explain_lock_conflict(error: ImageError, registry: &Registry) -> AttachEr
     let holder = registry.list().ok().and_then(|entries| {
         entries
             .into_iter()
-            .find(|entry| entry.is_image(path) || entry.state.overlay.as_ref() == Some(path))
+            .find(|entry| entry.is_image(path) || is_overlay_of(entry, path))
     });
 
     match holder {
@@ -237,6 +237,16 @@ pub fn explain_lock_conflict(error: ImageError, registry: &Registry) -> AttachEr
         },
         None => error.into(),
     }
+}
+
+/// Returns whether `path` is the overlay file of `entry`, also through a link.
+fn is_overlay_of(entry: &crate::registry::Entry, path: &std::path::Path) -> bool {
+    let Some(overlay) = &entry.state.overlay else {
+        return false;
+    };
+    overlay == path
+        || crate::registry::FileId::of(path)
+            .is_some_and(|id| crate::registry::FileId::of(overlay) == Some(id))
 }
 
 #[cfg(test)]

@@ -588,7 +588,7 @@ fn failed_mounts_leave_nothing_behind() {
         &[format!("{gpt4k_name}:1").as_ref(), directory.as_os_str()],
     );
     assert!(stderr.contains("partition table was ignored"), "{stderr}");
-    assert!(stderr.contains("attach with '-b 4096'"), "{stderr}");
+    assert!(stderr.contains("give '-b 4096'"), "{stderr}");
 
     // An extended partition holds the logical ones, which the error names.
     let dos = sandbox.sparse_image("dos.img", 32 * MIB);

@@ -138,6 +138,15 @@ pub enum MountError {
         scheme: &'static str,
     },
 
+    #[error(
+        "{source_name}: holds a {scheme} partition table, not a filesystem, and the table was ignored: {problem}"
+    )]
+    IgnoredTable {
+        source_name: String,
+        scheme: &'static str,
+        problem: String,
+    },
+
     #[error("{source_name}: {fstype} has no userspace driver: {advice}")]
     NoDriver {
         source_name: String,
@@ -283,7 +292,9 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
     check_not_extended(registry, &attached.name, options.partition, &source_name)?;
     let fstype = match options.fstype {
         Some(fstype) => fstype,
-        None => identify(&device, &source_name)?,
+        None => identify(&device, &source_name).map_err(|error| {
+            explain_ignored_table(error, registry, &attached.name, &source_name)
+        })?,
     };
     let (driver, program) = match forced {
         Some(found) => found,
@@ -471,10 +482,16 @@ fn check_not_mounted(
             _ => record.partition == partition,
         });
     match mounted {
-        Some(record) if record.partition == partition => Err(MountError::MountedElsewhere {
-            source_name: source_name.to_string(),
-            directory: record.directory.clone(),
-        }),
+        // The same filesystem only when the bytes are the same, not merely the number.
+        Some(record)
+            if record.partition == partition
+                && record.range.is_none_or(|held| Some(held) == requested) =>
+        {
+            Err(MountError::MountedElsewhere {
+                source_name: source_name.to_string(),
+                directory: record.directory.clone(),
+            })
+        }
         Some(record) => Err(MountError::OverlapsMount {
             source_name: source_name.to_string(),
             directory: record.directory.clone(),
@@ -600,6 +617,31 @@ fn device_file(
         partition: number,
         found,
     })
+}
+
+/// Adds to the error for a disk that holds a partition table why the scan ignored that
+/// table, when it did: suggesting `IMG:1` alone would only lead to "no partition 1".
+fn explain_ignored_table(
+    error: MountError,
+    registry: &Registry,
+    name: &str,
+    source_name: &str,
+) -> MountError {
+    let MountError::PartitionTable { scheme, .. } = error else {
+        return error;
+    };
+    let problem = registry
+        .find(name)
+        .ok()
+        .and_then(|entry| entry.state.partition_problem);
+    match problem {
+        Some(problem) => MountError::IgnoredTable {
+            source_name: source_name.to_string(),
+            scheme,
+            problem,
+        },
+        None => error,
+    }
 }
 
 /// Rejects an MBR extended partition, which holds the logical partitions rather than a

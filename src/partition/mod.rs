@@ -119,7 +119,7 @@ pub enum PartitionError {
     ProtectiveMbrNotAtLba1 { slot: u32, first_lba: u32 },
 
     #[error(
-        "the GPT header is where {sector_size}-byte sectors put it, but the disk was read with {scanned}-byte sectors; attach with '-b {sector_size}'"
+        "the GPT header is where {sector_size}-byte sectors put it, but the disk was read with {scanned}-byte sectors; give '-b {sector_size}'"
     )]
     GptSectorSize { sector_size: u32, scanned: u32 },
 

@@ -619,8 +619,8 @@ fn device_file(
     })
 }
 
-/// Adds to the error for a disk that holds a partition table why the scan ignored that
-/// table, when it did: suggesting `IMG:1` alone would only lead to "no partition 1".
+/// Adds to the error for a disk with a partition table the reason the scan ignored that
+/// table, if it did, because suggesting `IMG:1` alone would only lead to "no partition 1".
 fn explain_ignored_table(
     error: MountError,
     registry: &Registry,
@@ -644,7 +644,7 @@ fn explain_ignored_table(
     }
 }
 
-/// Rejects an MBR extended partition, which holds the logical partitions rather than a
+/// Rejects an MBR extended partition, a container of logical partitions rather than a
 /// filesystem, and names those partitions.
 fn check_not_extended(
     registry: &Registry,

@@ -99,7 +99,7 @@ pub struct AttachmentState {
     /// Partition table found by the last scan: "MBR", "GPT", or `None`.
     #[serde(default)]
     pub partition_table: Option<String>,
-    /// Why the last scan ignored the partition table it found, when it did.
+    /// Reason the last scan ignored the partition table it found, if it did.
     #[serde(default)]
     pub partition_problem: Option<String>,
     /// Partitions exposed as `p1`, `p2`, ... by the last scan.

@@ -564,8 +564,8 @@ fn failed_mounts_leave_nothing_behind() {
     let stderr = mount_fails(&sandbox, &[image.as_os_str(), directory.as_os_str()]);
     assert!(stderr.contains("GPT partition table"), "{stderr}");
 
-    // A GPT made with 4096-byte sectors is ignored with 512-byte ones, and the error says
-    // which size to give.
+    // A GPT made with 4096-byte sectors is ignored with 512-byte ones, and the error names
+    // the size to give.
     let gpt4k = sandbox.sparse_image("gpt4k.img", 32 * MIB);
     let mut fdisk = std::process::Command::new("fdisk")
         .args(["-b", "4096"])
@@ -590,7 +590,7 @@ fn failed_mounts_leave_nothing_behind() {
     assert!(stderr.contains("partition table was ignored"), "{stderr}");
     assert!(stderr.contains("give '-b 4096'"), "{stderr}");
 
-    // An extended partition holds the logical ones, which the error names.
+    // An extended partition contains the logical ones, which the error names.
     let dos = sandbox.sparse_image("dos.img", 32 * MIB);
     sfdisk(&dos, "label: dos\n,4M,L\n,,E\n,4M,L\n,4M,L\n");
     let dos_name = dos.to_str().unwrap();

@@ -211,8 +211,6 @@ fn commit_of_attached_files_names_attachment() {
     sandbox.assert_clean();
 }
 
-/// A block device cannot tell data from holes (`SEEK_DATA` fails with EINVAL), so an
-/// overlay over one copies every block it first writes to in part.
 /// Runs loopfuse with `args`, which must fail with exit status 1 and a message containing
 /// `expected`, leaving nothing attached.
 fn assert_rejected(sandbox: &Sandbox, args: &[&std::ffi::OsStr], expected: &str) {
@@ -255,6 +253,8 @@ fn damaged_overlays_are_explained() {
     assert_eq!(sha256(&image), image_before, "image changed");
 }
 
+/// A block device cannot tell data from holes (`SEEK_DATA` fails with EINVAL), so an
+/// overlay over one copies every block it first writes to in part.
 #[test]
 fn overlay_over_block_device_takes_small_writes() {
     let test = "overlay_over_block_device_takes_small_writes";

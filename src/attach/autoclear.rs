@@ -77,7 +77,7 @@ impl SessionStop {
                 );
                 // Served until the last close, like a busy kernel loop device after
                 // `losetup -d`, which shows autoclear meanwhile. Recorded before the lazy
-                // unmount, so that whoever sees the mount gone also sees the flag.
+                // unmount, so that a process that finds the mount gone also finds the flag.
                 record_autoclear(&self.registry, &self.name);
             }
             Err(error) => log::debug!("{error}; unmounting through the session"),

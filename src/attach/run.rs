@@ -56,7 +56,7 @@ pub fn exec_unblocked(command: &[OsString], parent: Option<i32>) -> u8 {
     }
     if let Some(parent) = parent {
         if let Err(error) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
-            log::warn!("cannot tie the command to loopfuse run: {error}");
+            log::warn!("failed to tie the command to the life of loopfuse run: {error}");
         }
         // run died before the request took effect: the signal will not come.
         if nix::unistd::getppid() != Pid::from_raw(parent) {
@@ -97,9 +97,9 @@ pub fn exec_in_place(command: &[OsString]) -> u8 {
     STATUS_NOT_EXECUTABLE
 }
 
-/// Returns whether `program` names an existing file, directly when it holds a slash and
+/// Returns whether `program` names an existing file, directly when it contains a slash and
 /// otherwise in a directory of `PATH`. `execvp` reports EACCES when a directory of `PATH`
-/// cannot be searched, even if the program is nowhere; a shell says "not found" then.
+/// cannot be searched, even if the program is nowhere, and a shell reports "not found" then.
 fn found_anywhere(program: &OsString) -> bool {
     use std::os::unix::ffi::OsStrExt;
 

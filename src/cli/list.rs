@@ -150,20 +150,14 @@ fn mount_cell(mounted: &ListedMount) -> String {
     }
 }
 
-fn range_of(partition: &ListedPartition) -> DiskRange {
-    DiskRange {
-        start: partition.start,
-        size: partition.size,
-    }
-}
-
 /// Returns a row for each mount whose bytes no partition of the current table covers: the
 /// table changed after the mount, and its driver still uses the old partition.
 fn outdated_mount_rows(entry: &Entry, item: &ListedAttachment) -> Vec<Vec<String>> {
     let current = |mounted: &&ListedMount| {
         is_mounted_on(mounted, None, entry.state.range_of(None))
             || item.partitions.iter().any(|partition| {
-                is_mounted_on(mounted, Some(partition.number), Some(range_of(partition)))
+                let number = Some(partition.number);
+                is_mounted_on(mounted, number, entry.state.range_of(number))
             })
     };
     let outdated = item.mounts.iter().filter(|mounted| !current(mounted));
@@ -263,7 +257,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
                 mountpoint_of(
                     &item.mounts,
                     Some(partition.number),
-                    Some(range_of(partition)),
+                    entry.state.range_of(Some(partition.number)),
                 ),
                 item.image.clone(),
                 overlay.clone(),

@@ -335,9 +335,8 @@ fn run_attach(args: &AttachArgs) -> CommandResult {
     };
 
     if args.foreground {
-        // The daemon's own warning about an ignored table goes to this terminal already, and
-        // the registry must not be read here: listing stats the mount, which is not served
-        // until this callback returns.
+        // No registry read here: listing stats the mount, which is served only after this
+        // returns. The daemon's own warning about an ignored table reaches this terminal.
         attach::attach_foreground(&options, &registry, |attached| {
             println!("{}", attached.device.display());
         })?;

@@ -203,7 +203,7 @@ pub(super) fn read_table(
     })
 }
 
-/// Returns the other logical sector size (512 or 4096) whose LBA 1 holds a GPT signature:
+/// Returns the other logical sector size (512 or 4096) whose LBA 1 contains a GPT signature:
 /// a disk partitioned with that sector size, scanned with the wrong one.
 fn other_sector_size(disk: &Disk<'_>) -> Option<u32> {
     let other = match disk.sector_size {

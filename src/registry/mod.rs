@@ -184,7 +184,7 @@ fn remove_device_directory(directory: &Path, original: &Path) {
     if let Err(error) = fs::remove_dir(directory)
         && error.kind() != io::ErrorKind::NotFound
     {
-        log::warn!("{}: cannot remove: {error}", directory.display());
+        log::warn!("{}: failed to remove: {error}", directory.display());
     }
 }
 

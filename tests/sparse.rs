@@ -182,6 +182,46 @@ fn mkfs_allocation_matches_kernel_loop() {
     sandbox.assert_clean();
 }
 
+/// Reads all of `path`, so that its holes are cached, then writes and rewrites 4 KiB blocks
+/// spread over it and calls `fsync`. The device file and a plain reference file get the same.
+fn read_then_scatter_writes(path: &Path) {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut whole = vec![0u8; file.metadata().unwrap().len() as usize];
+    file.read_exact_at(&mut whole, 0).unwrap();
+    for round in 0..2u64 {
+        for index in 0..16u64 {
+            let block = pattern(4096, round * 16 + index + 1);
+            file.write_all_at(&block, index * 3 * MIB + 8192).unwrap();
+        }
+    }
+    file.sync_all().unwrap();
+}
+
+/// Small writes into holes that were read before allocate only the blocks written, as on a
+/// plain file, instead of the large folios the page cache read the holes into.
+#[test]
+fn scattered_writes_allocate_like_a_file() {
+    let Some(sandbox) = Sandbox::new("scattered_writes_allocate_like_a_file", &[]) else {
+        return;
+    };
+    let reference = sandbox.sparse_image("reference.img", 64 * MIB);
+    read_then_scatter_writes(&reference);
+    let image = sandbox.sparse_image("disk.img", 64 * MIB);
+    let device = sandbox.attach([&image]);
+
+    read_then_scatter_writes(&device);
+    sandbox.detach(&device);
+
+    assert_eq!(allocated(&image), allocated(&reference));
+    assert_eq!(data_map(&image), data_map(&reference));
+    assert_eq!(fs::read(&image).unwrap(), fs::read(&reference).unwrap());
+    sandbox.assert_clean();
+}
+
 #[test]
 fn seek_data_and_hole_follow_image_map() {
     let test = "seek_data_and_hole_follow_image_map";

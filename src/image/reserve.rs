@@ -1,9 +1,10 @@
 //! Tracking which pages of an image have backing storage reserved.
 //!
 //! Storing into a hole through a shared mapping allocates blocks at page-fault time. When the
-//! backing filesystem is full, the fault raises `SIGBUS` instead of returning an error. Before
-//! the first write to a page, the image reserves its blocks with `fallocate` and records the
-//! page here, so a full filesystem shows up as `ENOSPC` on the write request.
+//! backing filesystem is full, the fault raises `SIGBUS` instead of returning an error. So a
+//! write near a hole goes through `pwrite`, which allocates the blocks or fails with `ENOSPC`.
+//! The pages it filled are recorded here, and writes where all pages are recorded use the
+//! mapping.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,18 +40,26 @@ impl ReservationMap {
         (first, end)
     }
 
+    /// Returns the range `(start, end)` of the pages that lie wholly inside
+    /// `offset..offset + len`; empty when there is none.
+    pub fn whole_pages(offset: u64, len: u64) -> (u64, u64) {
+        let first = offset.div_ceil(PAGE_SIZE);
+        let end = (offset + len) / PAGE_SIZE;
+        (first, end.max(first))
+    }
+
     /// Returns whether every page in `first..end` is marked reserved.
     pub fn all_reserved(&self, first: u64, end: u64) -> bool {
-        (first..end).all(|page| {
-            self.bit(page)
-                .is_some_and(|(word, mask)| word.load(Ordering::Acquire) & mask != 0)
+        word_masks(first, end).all(|(page, mask)| {
+            self.word(page)
+                .is_some_and(|word| word.load(Ordering::Acquire) & mask == mask)
         })
     }
 
     /// Marks the pages `first..end` as reserved.
     pub fn mark(&self, first: u64, end: u64) {
-        for page in first..end {
-            if let Some((word, mask)) = self.bit_or_allocate(page) {
+        for (page, mask) in word_masks(first, end) {
+            if let Some(word) = self.word_or_allocate(page) {
                 word.fetch_or(mask, Ordering::Release);
             }
         }
@@ -58,8 +67,8 @@ impl ReservationMap {
 
     /// Marks the pages `first..end` as not reserved, after their blocks were freed.
     pub fn clear(&self, first: u64, end: u64) {
-        for page in first..end {
-            if let Some((word, mask)) = self.bit(page) {
+        for (page, mask) in word_masks(first, end) {
+            if let Some(word) = self.word(page) {
                 word.fetch_and(!mask, Ordering::Release);
             }
         }
@@ -75,26 +84,49 @@ impl ReservationMap {
         allocated * WORDS_PER_CHUNK * std::mem::size_of::<AtomicU64>()
     }
 
-    fn locate(page: u64) -> (usize, usize, u64) {
+    /// Returns the chunk holding `page` and the index of its word in that chunk.
+    fn locate(page: u64) -> (usize, usize) {
         let chunk = (page / PAGES_PER_CHUNK) as usize;
         let in_chunk = page % PAGES_PER_CHUNK;
-        (chunk, (in_chunk / 64) as usize, 1u64 << (in_chunk % 64))
+        (chunk, (in_chunk / 64) as usize)
     }
 
-    fn bit(&self, page: u64) -> Option<(&AtomicU64, u64)> {
-        let (chunk, word, mask) = Self::locate(page);
+    fn word(&self, page: u64) -> Option<&AtomicU64> {
+        let (chunk, word) = Self::locate(page);
         let words = self.chunks.get(chunk)?.get()?;
-        Some((&words[word], mask))
+        Some(&words[word])
     }
 
-    fn bit_or_allocate(&self, page: u64) -> Option<(&AtomicU64, u64)> {
-        let (chunk, word, mask) = Self::locate(page);
+    fn word_or_allocate(&self, page: u64) -> Option<&AtomicU64> {
+        let (chunk, word) = Self::locate(page);
         let words = self
             .chunks
             .get(chunk)?
             .get_or_init(|| (0..WORDS_PER_CHUNK).map(|_| AtomicU64::new(0)).collect());
-        Some((&words[word], mask))
+        Some(&words[word])
     }
+}
+
+/// Splits the pages `first..end` into the words of bits they fall in: yields a page of each
+/// word and the mask of the word's bits inside the range. A word never spans two chunks,
+/// because a chunk contains a whole number of words.
+fn word_masks(first: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+    let mut page = first;
+    std::iter::from_fn(move || {
+        if page >= end {
+            return None;
+        }
+        let stop = ((page / 64 + 1) * 64).min(end);
+        let count = stop - page;
+        let bits = if count == 64 {
+            u64::MAX
+        } else {
+            (1u64 << count) - 1
+        };
+        let item = (page, bits << (page % 64));
+        page = stop;
+        Some(item)
+    })
 }
 
 #[cfg(test)]
@@ -130,5 +162,33 @@ mod tests {
         assert_eq!(ReservationMap::page_span(4095, 2), (0, 2));
         assert_eq!(ReservationMap::page_span(4096, 4096), (1, 2));
         assert_eq!(ReservationMap::page_span(0, 0), (0, 0));
+    }
+
+    #[test]
+    fn reservation_crosses_words_and_chunks() {
+        let map = ReservationMap::new(3 << 30);
+        let start = PAGES_PER_CHUNK - 70;
+        let end = PAGES_PER_CHUNK + 70;
+
+        map.mark(start, end);
+        assert!(map.all_reserved(start, end));
+        assert!(map.all_reserved(start + 1, end - 1));
+        assert!(!map.all_reserved(start - 1, end));
+        assert!(!map.all_reserved(start, end + 1));
+
+        map.clear(PAGES_PER_CHUNK, PAGES_PER_CHUNK + 1);
+        assert!(map.all_reserved(start, PAGES_PER_CHUNK));
+        assert!(!map.all_reserved(start, end));
+        assert!(map.all_reserved(PAGES_PER_CHUNK + 1, end));
+        assert!(map.all_reserved(5, 5), "an empty range is reserved");
+    }
+
+    #[test]
+    fn whole_pages_leave_out_partial_ones() {
+        assert_eq!(ReservationMap::whole_pages(0, 8192), (0, 2));
+        assert_eq!(ReservationMap::whole_pages(1, 8192), (1, 2));
+        assert_eq!(ReservationMap::whole_pages(4095, 2), (1, 1));
+        assert_eq!(ReservationMap::whole_pages(4096, 4095), (1, 1));
+        assert_eq!(ReservationMap::whole_pages(4096, 0), (1, 1));
     }
 }

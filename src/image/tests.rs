@@ -146,3 +146,60 @@ fn image_discard_punches_a_hole() {
     assert_eq!(image.seek_hole(0).unwrap(), 256 << 10);
     assert_eq!(image.seek_data(256 << 10).unwrap(), 512 << 10);
 }
+
+fn sparse_image_file(len: u64) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(len).unwrap();
+    file
+}
+
+#[test]
+fn hole_write_allocates_written_blocks() {
+    let file = sparse_image_file(8 << 20);
+    let image = Image::open(file.path(), Access::ReadWrite).unwrap();
+    // Reading the hole first caches it, on ext4 as large folios.
+    let mut whole = vec![0u8; 8 << 20];
+    image.read_at(0, &mut whole).unwrap();
+
+    image.write_at(3 << 20, &[0x5a; 4096]).unwrap();
+    image.write_at(3 << 20, &[0xa5; 4096]).unwrap();
+    image.flush().unwrap();
+
+    let allocated = image.allocated_sectors().unwrap() * 512;
+    assert!(
+        allocated <= 4096,
+        "{allocated} bytes allocated for one 4 KiB write"
+    );
+    let on_disk = std::fs::read(file.path()).unwrap();
+    assert!(
+        on_disk[3 << 20..(3 << 20) + 4096]
+            .iter()
+            .all(|&b| b == 0xa5)
+    );
+    assert!(on_disk[..3 << 20].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn write_after_shrink_fails_with_eio() {
+    let file = sparse_image_file(4 << 20);
+    let image = Image::open(file.path(), Access::ReadWrite).unwrap();
+    file.as_file().set_len(1 << 20).unwrap();
+
+    let error = image.write_at(3 << 20, b"lost").unwrap_err();
+
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    assert_eq!(std::fs::metadata(file.path()).unwrap().len(), 1 << 20);
+}
+
+#[test]
+fn sub_page_writes_land_in_a_hole() {
+    let file = sparse_image_file(1 << 20);
+    let image = Image::open(file.path(), Access::ReadWrite).unwrap();
+
+    assert_eq!(image.write_at(4000, b"across").unwrap(), 6);
+    assert_eq!(image.write_at(4002, b"ROSS").unwrap(), 4);
+    image.flush().unwrap();
+
+    let on_disk = std::fs::read(file.path()).unwrap();
+    assert_eq!(&on_disk[3998..4008], b"\0\0acROSS\0\0");
+}

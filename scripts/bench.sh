@@ -63,7 +63,7 @@ declare -A TARGET_LABEL=(
   [loopfuse-offset]="loopfuse --offset 1MiB"
   [loopfuse-p1]="loopfuse -P, partition p1"
 )
-FIO_WORKLOADS=(seqread seqwrite randread randread2 randwrite randread_aio)
+FIO_WORKLOADS=(seqread seqwrite randread randread2 randwrite randwrite_cpu0 randread_aio)
 
 SCRATCH=
 RESULTS=
@@ -255,6 +255,7 @@ fio_workload_options() {
     randread) printf '%s\n' --ioengine=psync --rw=randread --bs=4k ;;
     randread2) printf '%s\n' --ioengine=psync --rw=randread --bs=4k --numjobs=2 --group_reporting ;;
     randwrite) printf '%s\n' --ioengine=psync --rw=randwrite --bs=4k ;;
+    randwrite_cpu0) printf '%s\n' --ioengine=psync --rw=randwrite --bs=4k --cpus_allowed=0 ;;
     randread_aio) printf '%s\n' --ioengine=libaio --iodepth=16 --direct=1 --rw=randread --bs=4k ;;
     *) die "unknown fio workload $1" ;;
   esac
@@ -267,6 +268,7 @@ fio_workload_label() {
     randread) echo "rand read 4 KiB, 1 job" ;;
     randread2) echo "rand read 4 KiB, 2 jobs" ;;
     randwrite) echo "rand write 4 KiB, 1 job" ;;
+    randwrite_cpu0) echo "rand write 4 KiB, 1 job, fio and server on CPU 0" ;;
     randread_aio) echo "rand read 4 KiB, libaio qd16, O_DIRECT" ;;
   esac
 }
@@ -279,6 +281,7 @@ fio_workload_plot_label() {
     randread) echo 'rand read 4K|1 job' ;;
     randread2) echo 'rand read 4K|2 jobs' ;;
     randwrite) echo 'rand write 4K|1 job' ;;
+    randwrite_cpu0) echo 'rand write 4K|on CPU 0' ;;
     randread_aio) echo 'rand read 4K|qd16 O_DIRECT' ;;
   esac
 }
@@ -289,7 +292,7 @@ fio_workload_metric() {
     seqread) echo read_mibps ;;
     seqwrite) echo write_mibps ;;
     randread | randread2 | randread_aio) echo read_iops ;;
-    randwrite) echo write_iops ;;
+    randwrite | randwrite_cpu0) echo write_iops ;;
   esac
 }
 
@@ -647,9 +650,15 @@ run_fio_phase() {
     log "fio: ${TARGET_LABEL[$target]}: warm-up read took $((($(now_us) - start_us) / 1000)) ms"
 
     for workload in "${FIO_WORKLOADS[@]}"; do
+      if [[ $workload == randwrite_cpu0 ]]; then
+        pin_server "$target" "$image" 0
+      fi
       for ((run = 1; run <= RUNS; run++)); do
         run_fio "$target" "$workload" "$run" || break
       done
+      if [[ $workload == randwrite_cpu0 ]]; then
+        pin_server "$target" "$image" "0-$(($(nproc) - 1))"
+      fi
     done
 
     exec {HOLD_FD}<&-
@@ -792,6 +801,22 @@ allocated_mib() {
   local blocks
   blocks=$(stat -c %b -- "$1")
   printf '%d' $((blocks * 512 / 1048576))
+}
+
+# Move every thread of the server behind target $1 (over image $2) to CPUs $3: the
+# loopfuse daemon or qemu-storage-daemon. The raw file and the kernel loop device have no
+# server thread in the write path, so only fio is placed for them.
+pin_server() {
+  local target=$1 image=$2 cpus=$3 pid=
+  case $target in
+    qsd) pid=$QSD_PID ;;
+    loopfuse*) pid=$(loopfuse_daemon_pid "$image") || pid= ;;
+  esac
+  if [[ -z $pid ]]; then
+    return 0
+  fi
+  taskset -a -p -c "$cpus" "$pid" >/dev/null 2>&1 ||
+    note "${TARGET_LABEL[$target]}: taskset -a -p -c $cpus $pid failed"
 }
 
 # Print the PID of the loopfuse daemon serving image $1, from `loopfuse list --json`,

@@ -346,6 +346,11 @@ def write_markdown(results, tables, path, plot_name):
         f"{meta.get('runtime', '?')} s (`--time_based`), with `sync` before each run. "
         "The tables show the median. `--invalidate=0` keeps fio from dropping the cache "
         "that the warm-up read filled.",
+        "- `rand write 4 KiB, 1 job, fio and server on CPU 0` is the same workload with "
+        "fio started with `--cpus_allowed=0` and every thread of the loopfuse daemon or of "
+        "qemu-storage-daemon moved to CPU 0 (`taskset -a -p -c 0 PID`) for those runs only. "
+        "Then no request or reply has to wake the other CPU, which shows what such wake-ups "
+        "cost the FUSE targets on this machine.",
         "- Ratios divide a target's median by the raw file's or the kernel loop device's "
         "median from this same run. For throughput, higher is better; for times, "
         "lower is better.",

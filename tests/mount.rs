@@ -796,6 +796,35 @@ fn renumbered_partition_is_not_mounted_twice() {
         row.contains(first_name),
         "the mount shows next to p2: {listing}"
     );
+    let listed = &sandbox.list()[0];
+    assert_eq!(listed["partitions"][1]["number"], 2);
+    assert_eq!(listed["partitions"][1]["mountpoint"], first_name);
+    assert_eq!(
+        listed["partitions"][0]["mountpoint"],
+        serde_json::Value::Null
+    );
+    assert_eq!(listed["mountpoint"], serde_json::Value::Null);
+    assert_eq!(
+        listed["mounts"][0]["partition"], 1,
+        "the partition it was mounted from"
+    );
+    assert_eq!(listed["mounts"][0]["old_table"], false);
+
+    // With no partition left on its bytes, the mount is listed as one of the old table.
+    sfdisk(Path::new(&disk), "label: gpt\n1: start=51200, size=20480\n");
+    let listed = &sandbox.list()[0];
+    assert_eq!(
+        listed["partitions"][0]["mountpoint"],
+        serde_json::Value::Null
+    );
+    assert_eq!(listed["mounts"][0]["old_table"], true);
+    let listing = sandbox.run(["list"]);
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let row = listing
+        .lines()
+        .find(|line| line.contains("(old table)"))
+        .unwrap_or_else(|| panic!("no row of the old table: {listing}"));
+    assert!(row.contains(first_name), "{listing}");
 
     umount(&sandbox, &first);
     sandbox.assert_clean();

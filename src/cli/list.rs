@@ -29,6 +29,8 @@ struct ListedAttachment<'a> {
     cache: &'a str,
     /// "MBR", "GPT", or null when no table was found or partitions are not scanned.
     partition_table: Option<&'a str>,
+    /// Directory the whole disk's filesystem is mounted on, as in the table's MOUNTPOINT.
+    mountpoint: Option<String>,
     partitions: Vec<ListedPartition>,
     /// Filesystems mounted by 'loopfuse mount' from this attachment.
     mounts: Vec<ListedMount<'a>>,
@@ -41,6 +43,9 @@ struct ListedMount<'a> {
     record: &'a MountRecord,
     /// Whether its driver has exited, leaving the mount for 'umount' or 'detach' to remove.
     driver_exited: bool,
+    /// Whether the partition table changed so that neither the disk nor any partition now
+    /// covers exactly its bytes. `partition` and `device` are always those it was mounted from.
+    old_table: bool,
 }
 
 /// One partition as `list --json` prints it.
@@ -54,6 +59,8 @@ struct ListedPartition {
     #[serde(rename = "type")]
     type_name: String,
     label: Option<String>,
+    /// Directory its filesystem is mounted on, as in the table's MOUNTPOINT.
+    mountpoint: Option<String>,
 }
 
 fn state_of(entry: &Entry) -> &'static str {
@@ -65,7 +72,7 @@ fn state_of(entry: &Entry) -> &'static str {
 }
 
 fn listed(entry: &Entry) -> ListedAttachment<'_> {
-    ListedAttachment {
+    let mut item = ListedAttachment {
         name: &entry.state.name,
         device: entry.device().display().to_string(),
         image: entry.image_path_now().display().to_string(),
@@ -101,8 +108,10 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
                 size: partition.size,
                 type_name: partition.type_name.clone(),
                 label: partition.label.clone(),
+                mountpoint: None,
             })
             .collect(),
+        mountpoint: None,
         mounts: entry
             .state
             .mounts
@@ -110,8 +119,40 @@ fn listed(entry: &Entry) -> ListedAttachment<'_> {
             .map(|record| ListedMount {
                 record,
                 driver_exited: record.driver_exited(),
+                old_table: false,
             })
             .collect(),
+    };
+    place_mounts(entry, &mut item);
+    item
+}
+
+/// Fills in the mountpoint of the disk and of each partition, and marks the mounts that no
+/// longer match either: a mount belongs to the device that now covers its bytes.
+fn place_mounts(entry: &Entry, item: &mut ListedAttachment) {
+    let disk_range = entry.state.range_of(None);
+    let directory = |mounted: &ListedMount| mounted.record.directory.display().to_string();
+    item.mountpoint = mount_on(&item.mounts, None, disk_range).map(directory);
+    for partition in &mut item.partitions {
+        let number = Some(partition.number);
+        let found = mount_on(&item.mounts, number, entry.state.range_of(number));
+        partition.mountpoint = found.map(directory);
+    }
+
+    let partitions = &item.partitions;
+    let placed: Vec<bool> = item
+        .mounts
+        .iter()
+        .map(|mounted| {
+            is_mounted_on(mounted, None, disk_range)
+                || partitions.iter().any(|partition| {
+                    let number = Some(partition.number);
+                    is_mounted_on(mounted, number, entry.state.range_of(number))
+                })
+        })
+        .collect();
+    for (mounted, placed) in item.mounts.iter_mut().zip(placed) {
+        mounted.old_table = !placed;
     }
 }
 
@@ -127,18 +168,24 @@ fn is_mounted_on(mounted: &ListedMount, partition: Option<u32>, range: Option<Di
 
 /// Returns the directory a filesystem on `partition` (`None` for the disk), which covers
 /// `range`, is mounted on, marked when its driver has exited, or "-".
-fn mountpoint_of(
+fn mountpoint_cell(
     mounts: &[ListedMount],
     partition: Option<u32>,
     range: Option<DiskRange>,
 ) -> String {
-    let Some(mounted) = mounts
+    mount_on(mounts, partition, range).map_or_else(|| "-".to_string(), mount_cell)
+}
+
+/// Returns the mount of the filesystem on `partition` (`None` for the disk), which covers
+/// `range`, if there is one.
+fn mount_on<'a, 'b>(
+    mounts: &'b [ListedMount<'a>],
+    partition: Option<u32>,
+    range: Option<DiskRange>,
+) -> Option<&'b ListedMount<'a>> {
+    mounts
         .iter()
         .find(|mounted| is_mounted_on(mounted, partition, range))
-    else {
-        return "-".to_string();
-    };
-    mount_cell(mounted)
 }
 
 fn mount_cell(mounted: &ListedMount) -> String {
@@ -152,15 +199,8 @@ fn mount_cell(mounted: &ListedMount) -> String {
 
 /// Returns a row for each mount whose bytes no partition of the current table covers: the
 /// table changed after the mount, and its driver still uses the old partition.
-fn outdated_mount_rows(entry: &Entry, item: &ListedAttachment) -> Vec<Vec<String>> {
-    let current = |mounted: &&ListedMount| {
-        is_mounted_on(mounted, None, entry.state.range_of(None))
-            || item.partitions.iter().any(|partition| {
-                let number = Some(partition.number);
-                is_mounted_on(mounted, number, entry.state.range_of(number))
-            })
-    };
-    let outdated = item.mounts.iter().filter(|mounted| !current(mounted));
+fn outdated_mount_rows(item: &ListedAttachment) -> Vec<Vec<String>> {
+    let outdated = item.mounts.iter().filter(|mounted| mounted.old_table);
     outdated
         .map(|mounted| {
             let record = mounted.record;
@@ -240,7 +280,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
             item.pid.to_string(),
             item.state.to_string(),
             item.partition_table.unwrap_or("-").to_string(),
-            mountpoint_of(&item.mounts, None, entry.state.range_of(None)),
+            mountpoint_cell(&item.mounts, None, entry.state.range_of(None)),
             item.image.clone(),
             overlay.clone(),
             item.device.clone(),
@@ -254,7 +294,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
                 item.pid.to_string(),
                 "partition".to_string(),
                 partition.type_name.clone(),
-                mountpoint_of(
+                mountpoint_cell(
                     &item.mounts,
                     Some(partition.number),
                     entry.state.range_of(Some(partition.number)),
@@ -264,7 +304,7 @@ pub fn to_table(entries: &[Entry], headings: bool) -> String {
                 partition.device.clone(),
             ]);
         }
-        rows.extend(outdated_mount_rows(entry, &item));
+        rows.extend(outdated_mount_rows(&item));
     }
 
     let rows: Vec<Vec<String>> = rows

@@ -293,7 +293,7 @@ pub fn mount(options: &MountOptions, registry: &Registry) -> Result<Mounted, Mou
     let fstype = match options.fstype {
         Some(fstype) => fstype,
         None => identify(&device, &source_name).map_err(|error| {
-            explain_ignored_table(error, registry, &attached.name, &source_name)
+            explain_ignored_table(error, registry, &attached.name, &device, &source_name)
         })?,
     };
     let (driver, program) = match forced {
@@ -621,19 +621,24 @@ fn device_file(
 
 /// Adds to the error for a disk with a partition table the reason the scan ignored that
 /// table, if it did, because suggesting `IMG:1` alone would only lead to "no partition 1".
+/// `device` is the file the table was found on.
 fn explain_ignored_table(
     error: MountError,
     registry: &Registry,
     name: &str,
+    device: &Path,
     source_name: &str,
 ) -> MountError {
     let MountError::PartitionTable { scheme, .. } = error else {
         return error;
     };
-    let problem = registry
-        .find(name)
-        .ok()
-        .and_then(|entry| entry.state.partition_problem);
+    let Ok(entry) = registry.find(name) else {
+        return error;
+    };
+    let state = entry.state;
+    let problem = state
+        .partition_problem
+        .or_else(|| gpt_sector_size_problem(device, state.sector_size));
     match problem {
         Some(problem) => MountError::IgnoredTable {
             source_name: source_name.to_string(),
@@ -642,6 +647,29 @@ fn explain_ignored_table(
         },
         None => error,
     }
+}
+
+/// Returns the problem a partition scan reports when the GPT header of `device` lies where
+/// another sector size than `sector_size` puts it. A whole disk attached without `-P` was
+/// not scanned, so its mount checks this here.
+fn gpt_sector_size_problem(device: &Path, sector_size: u32) -> Option<String> {
+    let mut head = vec![0u8; 8192];
+    let file = std::fs::File::open(device).ok()?;
+    let read = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).ok()?;
+    let has_header_at = |offset: u32| {
+        head[..read].get(offset as usize..offset as usize + 8) == Some(b"EFI PART".as_slice())
+    };
+    if has_header_at(sector_size) {
+        return None;
+    }
+    let other = [512, 4096]
+        .into_iter()
+        .find(|&other| other != sector_size && has_header_at(other))?;
+    let problem = crate::partition::PartitionError::GptSectorSize {
+        sector_size: other,
+        scanned: sector_size,
+    };
+    Some(problem.to_string())
 }
 
 /// Rejects an MBR extended partition, a container of logical partitions rather than a

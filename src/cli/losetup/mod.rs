@@ -272,7 +272,9 @@ impl LosetupArgs {
         if self.offset.is_some() && !attaching && !lists_file {
             return Err("the option --offset is not allowed in this context".to_string());
         }
-        if self.sector_size.is_some() && !attaching {
+        // With a device alone, `-b` requests a change of its sector size in losetup. Listing and
+        // detaching ignore it, as losetup does.
+        if self.sector_size.is_some() && matches!(action, Action::ShowOne { .. }) {
             return Err(
                 "changing the sector size of a device is not supported: detach it \
                         and attach it again with -b"

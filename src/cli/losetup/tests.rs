@@ -79,6 +79,16 @@ fn setup_options_outside_setup_are_rejected() {
 }
 
 #[test]
+fn sector_size_changes_only_with_a_device() {
+    assert_eq!(
+        action(&["-b", "4096", "-a"]),
+        Ok(Action::Show { file: None })
+    );
+    let error = action(&["-b", "4096", "/r/loop0/disk"]).unwrap_err();
+    assert!(error.contains("changing the sector size"), "{error}");
+}
+
+#[test]
 fn unsupported_requests_say_why() {
     assert!(
         action(&["/dev/loop0", "disk.img"])

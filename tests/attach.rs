@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{
     Fuse2fs, Sandbox, assert_chunks_intact, is_root, kernel_loop, pattern, run_ok,
-    seeded_fio_writes, sha256, small_tmpfs, wait_until, write_until_full,
+    seeded_fio_writes, sfdisk, sha256, small_tmpfs, wait_until, write_until_full,
 };
 
 const MIB: u64 = 1 << 20;
@@ -179,7 +179,8 @@ fn device_keeps_block_device_contract() {
     let image = sandbox.image_with("disk.img", &original);
     let device = sandbox.attach([&image]);
 
-    // O_TRUNC and truncate(2) succeed and change nothing.
+    // O_TRUNC and truncate(2) succeed and change nothing, not even the times.
+    let before = fs::metadata(&device).unwrap();
     drop(
         OpenOptions::new()
             .write(true)
@@ -194,7 +195,10 @@ fn device_keeps_block_device_contract() {
         .unwrap();
     file.set_len(0).unwrap();
     file.set_len(64 * MIB).unwrap();
-    assert_eq!(fs::metadata(&device).unwrap().len(), 4 * MIB);
+    let after = fs::metadata(&device).unwrap();
+    assert_eq!(after.len(), 4 * MIB);
+    assert_eq!(after.mtime(), before.mtime());
+    assert_eq!(after.ctime(), before.ctime());
 
     // Reads past the end return nothing; SEEK_END is the device size.
     let mut buf = [0u8; 16];
@@ -316,6 +320,37 @@ fn device_files_follow_chmod_and_chown() {
         let error = OpenOptions::new().write(true).open(&device).unwrap_err();
         assert_eq!(error.raw_os_error(), Some(libc::EACCES));
     }
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
+/// `touch` sets a device file's times as on a device node, and only that file's.
+#[test]
+fn touch_sets_device_file_times() {
+    let Some(sandbox) = Sandbox::new("touch_sets_device_file_times", &["sfdisk", "touch"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 8 * MIB);
+    sfdisk(&image, "label: gpt\n,2M\n");
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+    let partition = device.with_file_name("p1");
+    let before = fs::metadata(&partition).unwrap();
+
+    run_ok(
+        "touch",
+        [
+            "-d".as_ref(),
+            "2001-02-03 04:05:06 UTC".as_ref(),
+            device.as_os_str(),
+        ],
+    );
+
+    let metadata = fs::metadata(&device).unwrap();
+    assert_eq!(metadata.mtime(), 981_173_106);
+    assert_eq!(metadata.atime(), 981_173_106);
+    assert!(metadata.ctime() >= before.ctime());
+    let after = fs::metadata(&partition).unwrap();
+    assert_eq!(after.mtime(), before.mtime(), "p1 keeps its time");
     sandbox.detach(&device);
     sandbox.assert_clean();
 }

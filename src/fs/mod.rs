@@ -9,7 +9,9 @@ mod cache;
 mod devices;
 mod fallocate;
 mod overrun;
+mod per_file;
 mod permissions;
+mod times;
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
@@ -30,9 +32,11 @@ pub use devices::{DISK_INODE, DISK_NAME, DeviceEntry, DeviceTable, OpenFile, ROO
 use fallocate::fallocate_device;
 use overrun::invalidate_names;
 use permissions::PermissionTable;
+use times::TimeTable;
 
-/// How long the kernel may cache attributes and names. The size and times of a device file
-/// never change while attached, so only `st_blocks` can be up to this much out of date.
+/// How long the kernel may cache attributes and names. The size of a device file never
+/// changes while attached, and its times change only through `setattr`, whose reply gives
+/// the kernel the new ones. So only `st_blocks` can be up to this much out of date.
 const ATTR_TTL: Duration = Duration::from_secs(1);
 
 /// Largest write request accepted, and the read-ahead window asked of the kernel.
@@ -65,11 +69,12 @@ pub struct DeviceFs {
     on_last_close: Option<LastClosed>,
     owner: Owner,
     permissions: PermissionTable,
+    times: TimeTable,
     read_only: bool,
     /// Logical sector size of the devices, as `losetup -b` sets it.
     sector_size: u32,
-    /// Modification time shown for every file: the image's, fixed at attach time, so the
-    /// kernel never finds a change that would make it drop its cached pages.
+    /// Time shown for the directory, and for a device file until `touch` changes it: the
+    /// image's modification time at attach.
     mtime: SystemTime,
 }
 
@@ -96,6 +101,7 @@ impl DeviceFs {
             on_last_close: None,
             owner,
             permissions: PermissionTable::new(owner, read_only),
+            times: TimeTable::new(mtime),
             read_only,
             sector_size: 512,
             mtime,
@@ -175,6 +181,10 @@ impl DeviceFs {
         attr.perm = permissions.perm;
         attr.uid = permissions.uid;
         attr.gid = permissions.gid;
+        let times = self.times.of(&entry.name);
+        attr.atime = times.atime;
+        attr.mtime = times.mtime;
+        attr.ctime = times.ctime;
         attr
     }
 
@@ -316,9 +326,9 @@ impl Filesystem for DeviceFs {
         mode: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
+        size: Option<u64>,
+        atime: Option<fuser::TimeOrNow>,
+        mtime: Option<fuser::TimeOrNow>,
         _ctime: Option<SystemTime>,
         handle: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -328,8 +338,13 @@ impl Filesystem for DeviceFs {
         reply: ReplyAttr,
     ) {
         // A block device's size cannot be truncated: O_TRUNC and truncate(2) succeed and
-        // leave the device as it is. Times are fixed.
-        if mode.is_some() || uid.is_some() || gid.is_some() {
+        // leave the device as it is, times included.
+        let (atime, mtime) = match size {
+            Some(_) => (None, None),
+            None => (atime, mtime),
+        };
+        let changes_inode = mode.is_some() || uid.is_some() || gid.is_some();
+        if changes_inode || atime.is_some() || mtime.is_some() {
             let inode = u64::from(inode);
             let entry = self
                 .devices
@@ -340,10 +355,11 @@ impl Filesystem for DeviceFs {
                 return;
             };
             log::debug!(
-                "setattr {} mode {mode:?} uid {uid:?} gid {gid:?}",
+                "setattr {} mode {mode:?} uid {uid:?} gid {gid:?} atime {atime:?} mtime {mtime:?}",
                 entry.name
             );
             self.permissions.change(&entry.name, mode, uid, gid);
+            self.times.change(&entry.name, atime, mtime);
         }
         self.getattr(_request, inode, handle, reply);
     }

@@ -2,10 +2,8 @@
 //! (0400 read-only). Its owner may `chmod` it and root may `chown` it, as an administrator
 //! does with `/dev/loopN`, and the kernel checks who may (`default_permissions`).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
 use super::Owner;
+use super::per_file::PerFile;
 
 /// Mode bits and owner of one device file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,50 +13,41 @@ pub struct FilePermissions {
     pub gid: u32,
 }
 
-/// The permissions of every device file, by name, so that they outlive a partition rescan.
+/// The permissions of every device file.
 pub struct PermissionTable {
-    initial: FilePermissions,
-    changed: Mutex<HashMap<String, FilePermissions>>,
+    files: PerFile<FilePermissions>,
 }
 
 impl PermissionTable {
     pub fn new(owner: Owner, read_only: bool) -> Self {
         Self {
-            initial: FilePermissions {
+            files: PerFile::new(FilePermissions {
                 perm: if read_only { 0o400 } else { 0o600 },
                 uid: owner.uid,
                 gid: owner.gid,
-            },
-            changed: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
     /// Returns the permissions of the device file `name`.
     pub fn of(&self, name: &str) -> FilePermissions {
-        let changed = self
-            .changed
-            .lock()
-            .unwrap_or_else(|error| error.into_inner());
-        changed.get(name).copied().unwrap_or(self.initial)
+        self.files.of(name)
     }
 
     /// Applies a `chmod` (`mode`) or `chown` (`uid`, `gid`) to the device file `name`. The
     /// set-user-ID, set-group-ID and sticky bits are kept, as a device node keeps them.
     pub fn change(&self, name: &str, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) {
-        let mut changed = self
-            .changed
-            .lock()
-            .unwrap_or_else(|error| error.into_inner());
-        let permissions = changed.entry(name.to_string()).or_insert(self.initial);
-        if let Some(mode) = mode {
-            permissions.perm = (mode & 0o7777) as u16;
-        }
-        if let Some(uid) = uid {
-            permissions.uid = uid;
-        }
-        if let Some(gid) = gid {
-            permissions.gid = gid;
-        }
+        self.files.update(name, |permissions| {
+            if let Some(mode) = mode {
+                permissions.perm = (mode & 0o7777) as u16;
+            }
+            if let Some(uid) = uid {
+                permissions.uid = uid;
+            }
+            if let Some(gid) = gid {
+                permissions.gid = gid;
+            }
+        });
     }
 }
 

@@ -1,0 +1,94 @@
+//! Times of the device files. Each starts at the image's modification time at attach, and
+//! `touch` may set its access and modification times, as on a device node. A change of
+//! times, mode or owner sets the change time to the current time.
+
+use std::time::SystemTime;
+
+use fuser::TimeOrNow;
+
+use super::per_file::PerFile;
+
+/// Access, modification and change time of one device file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileTimes {
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+/// The times of every device file.
+pub struct TimeTable {
+    files: PerFile<FileTimes>,
+}
+
+impl TimeTable {
+    /// Creates a table where every file has the time `start`.
+    pub fn new(start: SystemTime) -> Self {
+        Self {
+            files: PerFile::new(FileTimes {
+                atime: start,
+                mtime: start,
+                ctime: start,
+            }),
+        }
+    }
+
+    /// Returns the times of the device file `name`.
+    pub fn of(&self, name: &str) -> FileTimes {
+        self.files.of(name)
+    }
+
+    /// Applies a `utimensat` to the device file `name`, or records a change of its mode or
+    /// owner when both times are `None`.
+    pub fn change(&self, name: &str, atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) {
+        let now = SystemTime::now();
+        let resolve = |time: TimeOrNow| match time {
+            TimeOrNow::SpecificTime(time) => time,
+            TimeOrNow::Now => now,
+        };
+        self.files.update(name, |times| {
+            if let Some(atime) = atime {
+                times.atime = resolve(atime);
+            }
+            if let Some(mtime) = mtime {
+                times.mtime = resolve(mtime);
+            }
+            times.ctime = now;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn touch_changes_one_file() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let table = TimeTable::new(start);
+        let set = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400);
+
+        table.change("p1", None, Some(TimeOrNow::SpecificTime(set)));
+
+        let times = table.of("p1");
+        assert_eq!(times.mtime, set);
+        assert_eq!(times.atime, start);
+        assert!(times.ctime > start);
+        assert_eq!(table.of("disk").mtime, start);
+    }
+
+    #[test]
+    fn mode_change_moves_only_ctime() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let table = TimeTable::new(start);
+
+        table.change("disk", None, None);
+
+        let times = table.of("disk");
+        assert_eq!(times.atime, start);
+        assert_eq!(times.mtime, start);
+        assert!(times.ctime > start);
+    }
+}

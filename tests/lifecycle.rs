@@ -305,6 +305,25 @@ fn run_of_missing_command_exits_127() {
         );
     }
     fs::set_permissions(&closed, fs::Permissions::from_mode(0o755)).unwrap();
+
+    // A script whose interpreter is missing, and a path to no file, also exit 127, each
+    // with its own reason.
+    let script = tools.join("loopfuse-bad-interpreter");
+    fs::write(&script, "#!/nonexistent/interpreter -e\n").unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let missing = sandbox.path("no-such-file");
+    for (command, reason) in [
+        (script.as_os_str(), "interpreter /nonexistent/interpreter"),
+        (missing.as_os_str(), "no such file"),
+    ] {
+        let output = sandbox
+            .loopfuse(["run".as_ref(), image.as_os_str(), "--".as_ref(), command])
+            .output()
+            .unwrap();
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(127), "{stderr}");
+        assert!(stderr.contains(reason), "{stderr}");
+    }
     sandbox.assert_clean();
 }
 

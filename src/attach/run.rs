@@ -83,9 +83,28 @@ pub fn exec_in_place(command: &[OsString]) -> u8 {
     let error = std::process::Command::new(program).args(arguments).exec();
 
     let name = PathBuf::from(program);
-    if error.kind() == io::ErrorKind::NotFound || !found_anywhere(program) {
+    let Some(found) = locate(program) else {
+        if has_slash(program) {
+            eprintln!(
+                "loopfuse: {}: no such file (check the path)",
+                name.display()
+            );
+        } else {
+            eprintln!(
+                "loopfuse: {}: command not found (check its name and PATH)",
+                name.display()
+            );
+        }
+        return STATUS_NOT_FOUND;
+    };
+    if error.kind() == io::ErrorKind::NotFound {
+        // The file exists, so what is missing is the interpreter it names.
+        let missing = match script_interpreter(&found) {
+            Some(interpreter) => format!("its interpreter {interpreter} (check the '#!' line)"),
+            None => "its program loader or interpreter".to_string(),
+        };
         eprintln!(
-            "loopfuse: {}: command not found (check its name and PATH)",
+            "loopfuse: {}: cannot execute: required file not found: {missing}",
             name.display()
         );
         return STATUS_NOT_FOUND;
@@ -97,18 +116,36 @@ pub fn exec_in_place(command: &[OsString]) -> u8 {
     STATUS_NOT_EXECUTABLE
 }
 
-/// Returns whether `program` names an existing file, directly when it contains a slash and
-/// otherwise in a directory of `PATH`. `execvp` reports EACCES when a directory of `PATH`
-/// cannot be searched, even if the program is nowhere, and a shell reports "not found" then.
-fn found_anywhere(program: &OsString) -> bool {
+fn has_slash(program: &std::ffi::OsStr) -> bool {
     use std::os::unix::ffi::OsStrExt;
 
+    program.as_bytes().contains(&b'/')
+}
+
+/// Returns the file `program` names, directly when it contains a slash and otherwise in a
+/// directory of `PATH`. `execvp` reports EACCES when a directory of `PATH` cannot be
+/// searched, even if the program is nowhere, and a shell reports "not found" then.
+fn locate(program: &OsString) -> Option<PathBuf> {
     let program = Path::new(program);
-    if program.as_os_str().as_bytes().contains(&b'/') {
-        return program.exists();
+    if has_slash(program.as_os_str()) {
+        return program.exists().then(|| program.to_path_buf());
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|directory| directory.join(program).is_file())
+    std::env::split_paths(&path)
+        .map(|directory| directory.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Returns the interpreter that the `#!` line of the script at `path` names, if it has one.
+fn script_interpreter(path: &Path) -> Option<String> {
+    use std::io::Read;
+
+    let mut head = [0u8; 256];
+    let read = std::fs::File::open(path).ok()?.read(&mut head).ok()?;
+    let line = head[..read].strip_prefix(b"#!")?;
+    let line = line.split(|&byte| byte == b'\n').next()?;
+    let interpreter = String::from_utf8_lossy(line);
+    interpreter.split_whitespace().next().map(str::to_string)
 }
 
 /// Exit status of a command that could not be executed, as in shells.

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::{
     Fuse2fs, Sandbox, assert_chunks_intact, is_root, kernel_loop, pattern, run_ok,
-    seeded_fio_writes, sfdisk, sha256, small_tmpfs, wait_until, write_until_full,
+    sandbox_with_small_tmpfs, seeded_fio_writes, sfdisk, sha256, small_tmpfs, wait_until,
+    write_until_full,
 };
 
 const MIB: u64 = 1 << 20;
@@ -543,17 +544,96 @@ fn list_shows_each_attachment() {
     sandbox.assert_clean();
 }
 
+/// Reads through the device of a sparse image on tmpfs allocate nothing, as reads of the
+/// file itself do, also when attached read-only.
+#[test]
+fn tmpfs_image_reads_allocate_nothing() {
+    let test = "tmpfs_image_reads_allocate_nothing";
+    let Some((sandbox, small, _tmpfs)) = sandbox_with_small_tmpfs(test, &[]) else {
+        return;
+    };
+    let image = small.join("disk.img");
+    fs::File::create(&image).unwrap().set_len(64 * MIB).unwrap();
+
+    for options in [&[][..], &["-r"][..]] {
+        let mut arguments: Vec<&std::ffi::OsStr> = options.iter().map(|o| o.as_ref()).collect();
+        arguments.push(image.as_os_str());
+        let device = sandbox.attach(arguments);
+        let content = fs::read(&device).unwrap();
+        sandbox.detach(&device);
+
+        assert_eq!(content.len() as u64, 64 * MIB);
+        assert!(content.iter().all(|&byte| byte == 0));
+        assert_eq!(fs::metadata(&image).unwrap().blocks(), 0, "{options:?}");
+    }
+    sandbox.assert_clean();
+}
+
+/// On ext4 with 1 KiB blocks, a page can be partly allocated: writes into the rest of it on
+/// a full filesystem fail with ENOSPC, not EIO.
+#[test]
+fn full_small_block_filesystem_answers_enospc() {
+    let test = "full_small_block_filesystem_answers_enospc";
+    if !is_root() || !std::path::Path::new("/dev/loop-control").exists() {
+        eprintln!("SKIP {test}: mounting ext4 through the kernel loop driver needs root");
+        return;
+    }
+    let Some(sandbox) = Sandbox::new(test, &["mkfs.ext4", "losetup", "fallocate"]) else {
+        return;
+    };
+    let ext4 = common::KernelMount::new(&sandbox, "small", "ext4", 64 * MIB, &["-q", "-b", "1024"]);
+    let small = ext4.path.clone();
+    let image = small.join("disk.img");
+    fs::File::create(&image)
+        .unwrap()
+        .set_len(128 * MIB)
+        .unwrap();
+    let device = sandbox.attach([&image]);
+    let file = OpenOptions::new().write(true).open(&device).unwrap();
+    file.write_all_at(&pattern(4 * MIB as usize, 9), 0).unwrap();
+    file.sync_all().unwrap();
+    // Punching a page and zeroing 512 bytes of it allocates one 1 KiB block of the page.
+    run_ok(
+        "fallocate",
+        [
+            "-p",
+            "-o",
+            "2097152",
+            "-l",
+            "4096",
+            device.to_str().unwrap(),
+        ],
+    );
+    run_ok(
+        "fallocate",
+        ["-z", "-o", "2097152", "-l", "512", device.to_str().unwrap()],
+    );
+    let filler = fs::File::create(small.join("filler")).unwrap();
+    let block = vec![0u8; 1024];
+    while filler
+        .write_all_at(&block, filler.metadata().unwrap().len())
+        .is_ok()
+    {}
+    filler.sync_all().unwrap();
+
+    let error = file
+        .write_all_at(&pattern(4096, 10), 2 * MIB)
+        .and_then(|()| file.sync_data())
+        .unwrap_err();
+
+    assert_eq!(error.raw_os_error(), Some(libc::ENOSPC), "{error}");
+    drop(file);
+    sandbox.detach(&device);
+    drop(ext4);
+    sandbox.assert_clean();
+}
+
 #[test]
 fn full_backing_filesystem_answers_enospc() {
     let test = "full_backing_filesystem_answers_enospc";
-    if !is_root() {
-        eprintln!("SKIP {test}: mounting a small tmpfs needs root");
-        return;
-    }
-    let Some(sandbox) = Sandbox::new(test, &[]) else {
+    let Some((sandbox, small, _tmpfs)) = sandbox_with_small_tmpfs(test, &[]) else {
         return;
     };
-    let (small, _tmpfs) = small_tmpfs(&sandbox);
     let image = small.join("disk.img");
 
     for mode in ["writethrough", "writeback"] {

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    Sandbox, assert_chunks_intact, is_root, pattern, seeded_fio_writes, sfdisk, sha256,
-    small_tmpfs, wait_until, write_until_full,
+    Sandbox, assert_chunks_intact, is_root, pattern, sandbox_with_small_tmpfs, seeded_fio_writes,
+    sfdisk, sha256, wait_until, write_until_full,
 };
 use nix::fcntl::{FallocateFlags, fallocate};
 
@@ -413,14 +413,9 @@ fn overlay_under_offset_window_writes_window() {
 #[test]
 fn overlay_full_before_first_flush_keeps_blocks() {
     let test = "overlay_full_before_first_flush_keeps_blocks";
-    if !is_root() {
-        eprintln!("SKIP {test}: mounting a small tmpfs needs root");
-        return;
-    }
-    let Some(sandbox) = Sandbox::new(test, &[]) else {
+    let Some((sandbox, small, _tmpfs)) = sandbox_with_small_tmpfs(test, &[]) else {
         return;
     };
-    let (small, _tmpfs) = small_tmpfs(&sandbox);
     let image = sandbox.sparse_image("disk.img", 64 * MIB);
     let overlay = small.join("changes.overlay");
     let device = sandbox.attach(overlay_args(&overlay, &image));
@@ -463,14 +458,9 @@ fn overlay_full_before_first_flush_keeps_blocks() {
 #[test]
 fn overlay_not_created_on_full_filesystem() {
     let test = "overlay_not_created_on_full_filesystem";
-    if !is_root() {
-        eprintln!("SKIP {test}: mounting a small tmpfs needs root");
-        return;
-    }
-    let Some(sandbox) = Sandbox::new(test, &[]) else {
+    let Some((sandbox, small, _tmpfs)) = sandbox_with_small_tmpfs(test, &[]) else {
         return;
     };
-    let (small, _tmpfs) = small_tmpfs(&sandbox);
     let image = sandbox.sparse_image("disk.img", 64 * MIB);
     let filler = small.join("filler");
     let _ = fs::write(&filler, vec![1u8; 8 * MIB as usize]);
@@ -496,14 +486,9 @@ fn overlay_not_created_on_full_filesystem() {
 #[test]
 fn overlay_on_full_filesystem_answers_enospc() {
     let test = "overlay_on_full_filesystem_answers_enospc";
-    if !is_root() {
-        eprintln!("SKIP {test}: mounting a small tmpfs needs root");
-        return;
-    }
-    let Some(sandbox) = Sandbox::new(test, &[]) else {
+    let Some((sandbox, small, _tmpfs)) = sandbox_with_small_tmpfs(test, &[]) else {
         return;
     };
-    let (small, _tmpfs) = small_tmpfs(&sandbox);
     let image = sandbox.sparse_image("disk.img", 64 * MIB);
     let overlay = small.join("changes.overlay");
     let device = sandbox.attach(overlay_args(&overlay, &image));

@@ -222,6 +222,61 @@ fn scattered_writes_allocate_like_a_file() {
     sandbox.assert_clean();
 }
 
+/// Bytes free on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let stat = nix::sys::statvfs::statvfs(path).unwrap();
+    stat.blocks_free() as u64 * stat.fragment_size() as u64
+}
+
+/// On XFS, an image whose extents are shared with a reflinked copy is copied on write. So
+/// scattered writes through the device must take about as much new space as on a plain
+/// file, not a copy of each large folio they land in.
+#[test]
+fn reflinked_image_writes_allocate_like_a_file() {
+    let test = "reflinked_image_writes_allocate_like_a_file";
+    if !is_root() || !Path::new("/dev/loop-control").exists() {
+        eprintln!("SKIP {test}: mounting XFS through the kernel loop driver needs root");
+        return;
+    }
+    let Some(sandbox) = Sandbox::new(test, &["mkfs.xfs", "losetup"]) else {
+        return;
+    };
+    let mount = common::KernelMount::new(&sandbox, "xfs", "xfs", 320 * MIB, &["-q"]);
+    let xfs = mount.path.clone();
+    let base = xfs.join("base.img");
+    fs::write(&base, pattern(64 * MIB as usize, 11)).unwrap();
+    let (reference, image) = (xfs.join("reference.img"), xfs.join("disk.img"));
+    for copy in [&reference, &image] {
+        run_ok(
+            "cp",
+            [
+                "--reflink=always".as_ref(),
+                base.as_os_str(),
+                copy.as_os_str(),
+            ],
+        );
+    }
+    nix::unistd::sync();
+
+    let free_before = free_bytes(&xfs);
+    read_then_scatter_writes(&reference);
+    nix::unistd::sync();
+    let reference_growth = free_before - free_bytes(&xfs);
+    let device = sandbox.attach([&image]);
+    read_then_scatter_writes(&device);
+    sandbox.detach(&device);
+    nix::unistd::sync();
+    let device_growth = free_before - reference_growth - free_bytes(&xfs);
+
+    assert!(
+        device_growth <= reference_growth + MIB,
+        "device {device_growth} bytes, plain file {reference_growth} bytes"
+    );
+    assert_eq!(fs::read(&image).unwrap(), fs::read(&reference).unwrap());
+    drop(mount);
+    sandbox.assert_clean();
+}
+
 #[test]
 fn seek_data_and_hole_follow_image_map() {
     let test = "seek_data_and_hole_follow_image_map";

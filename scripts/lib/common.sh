@@ -29,6 +29,7 @@ LOOPFUSE_TOOLS=(
     "fuseiso:fuseiso"
     "xorriso:xorriso"
     "mkfs.erofs:erofs-utils"
+    "mkfs.xfs:xfsprogs"
 )
 
 # Installs the Debian packages of missing tools when running as root; otherwise lists them.

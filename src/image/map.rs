@@ -105,18 +105,12 @@ impl SharedMap {
         Ok(())
     }
 
-    /// Copies `data` into the mapping at `offset`. The mapping must be writable.
+    /// Copies `data` into the mapping at `offset`. The mapping must be writable. Fails with
+    /// `EFAULT`, before copying, when a page cannot be mapped for writing: the file was
+    /// truncated, or its filesystem could not allocate the page.
     pub fn copy_in(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let start = self.checked_start(offset, data.len())?;
-        if let Err(error) = self.populate(start, data.len(), Advice::PopulateWrite) {
-            if error.raw_os_error() != Some(libc::EFAULT) {
-                return Err(error);
-            }
-            log::error!(
-                "image pages at {start:#x} cannot be mapped for writing: {error} (was the image truncated?)"
-            );
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
+        self.populate(start, data.len(), Advice::PopulateWrite)?;
 
         // SAFETY: as in `copy_out`, the destination range was checked against the mapping
         // length just above and lies inside the mapping owned by `self.raw`. Callers only

@@ -304,6 +304,56 @@ fn inspect(path: &Path, file: &mut File) -> Result<ImageInfo, ImageError> {
     })
 }
 
+/// `f_type` of ramfs, which the `libc` crate does not define.
+const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+
+/// The path of the writes to an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WritePath {
+    /// Through the mapping: a block device, which has no holes.
+    Map,
+    /// Through the mapping where every block around the write is allocated, else through
+    /// `pwrite`: a filesystem that overwrites allocated blocks in place (ext2/3/4, tmpfs).
+    MapWhereAllocated,
+    /// Always through `pwrite`: a filesystem that may copy a block on write (btrfs, XFS
+    /// with shared extents) or one not known to overwrite in place. A store through the
+    /// mapping there would allocate a new copy of each whole large folio it dirties.
+    File,
+}
+
+/// The read and write paths that the image file's filesystem calls for.
+struct Storage {
+    writes: WritePath,
+    /// True on tmpfs and ramfs, where mapping a hole allocates memory for it: reads then use
+    /// `pread`, which returns zeros for holes and allocates nothing.
+    reads_through_file: bool,
+}
+
+impl Storage {
+    fn of(file: &File, is_block_device: bool) -> Self {
+        use nix::sys::statfs::{FsType, fstatfs};
+
+        if is_block_device {
+            return Self {
+                writes: WritePath::Map,
+                reads_through_file: false,
+            };
+        }
+        let kind = fstatfs(file).map(|stat| stat.filesystem_type()).ok();
+        let is = |magic: libc::c_long| kind == Some(FsType(magic as _));
+        let in_memory = is(libc::TMPFS_MAGIC) || is(RAMFS_MAGIC);
+        let in_place = in_memory || is(libc::EXT4_SUPER_MAGIC);
+        Self {
+            writes: if in_place {
+                WritePath::MapWhereAllocated
+            } else {
+                WritePath::File
+            },
+            reads_through_file: in_memory,
+        }
+    }
+}
+
 fn read_head_and_tail(file: &mut File, len: u64) -> io::Result<(Vec<u8>, Vec<u8>)> {
     let mut head = Vec::with_capacity(format::HEAD_LEN);
     file.seek(SeekFrom::Start(0))?;
@@ -332,8 +382,7 @@ pub struct Image {
     read_only: bool,
     /// Pages known to have their blocks allocated since attach.
     reservations: ReservationMap,
-    /// False for a block device, which has no holes: every write then uses the mapping.
-    has_holes: bool,
+    storage: Storage,
 }
 
 impl Image {
@@ -359,7 +408,7 @@ impl Image {
 
         Ok(Self {
             reservations: ReservationMap::new(info.len),
-            has_holes: !info.is_block_device,
+            storage: Storage::of(&file, info.is_block_device),
             path,
             file,
             map,
@@ -392,8 +441,10 @@ impl Image {
     /// full filesystem the store faults instead of failing. Pages are marked once written
     /// through the file, and a span that was data before attach is found with a `SEEK_HOLE`.
     fn can_store_through_map(&self, offset: u64, len: u64) -> io::Result<bool> {
-        if !self.has_holes {
-            return Ok(true);
+        match self.storage.writes {
+            WritePath::Map => return Ok(true),
+            WritePath::File => return Ok(false),
+            WritePath::MapWhereAllocated => {}
         }
         let start = offset - offset % FOLIO_SPAN;
         let end = (offset + len).next_multiple_of(FOLIO_SPAN).min(self.len());
@@ -419,7 +470,7 @@ impl Image {
     /// Unlike an `fallocate` and a store through the mapping, it takes no page fault that
     /// reads the hole ahead into large zeroed folios. That cut `mkfs.ext4 -d /usr/include` on a 4
     /// GiB sparse image from 2.1 s to 1.8 s (Linux 6.18, ext4, 2 cores). On a full filesystem it
-    /// returns what it wrote before `ENOSPC`, so the writer sees a short write, then the error.
+    /// returns what it wrote before `ENOSPC`, so the writer gets a short write, then the error.
     fn write_reserving(&self, offset: u64, data: &[u8]) -> io::Result<usize> {
         self.check_not_shrunk(offset + data.len() as u64)?;
         let mut written = 0;
@@ -436,6 +487,14 @@ impl Image {
         let (first, end) = ReservationMap::whole_pages(offset, written as u64);
         self.reservations.mark(first, end);
         Ok(written)
+    }
+
+    /// Marks the pages wholly inside `offset..offset + len` as allocated, after `fallocate`
+    /// allocated that range. A partial page may hold blocks outside it, on a filesystem
+    /// with blocks smaller than a page.
+    fn mark_allocated(&self, offset: u64, len: u64) {
+        let (first, end) = ReservationMap::whole_pages(offset, len);
+        self.reservations.mark(first, end);
     }
 
     /// Fails with `EIO` when the image file no longer reaches `end`, instead of letting a
@@ -504,6 +563,12 @@ impl BlockDevice for Image {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let count = clamp_to_device(offset, buf.len(), self.len());
+        if self.storage.reads_through_file {
+            self.read_through_file(offset, &mut buf[..count])?;
+            return Ok(count);
+        }
+        // NOTE: a read of the part of the last page that a truncation cut off returns the
+        // zeros the kernel left there, not EIO; only whole lost pages fail.
         match self.map.copy_out(offset, &mut buf[..count]) {
             Ok(()) => Ok(count),
             Err(error) if error.raw_os_error() == Some(libc::EFAULT) => {
@@ -524,12 +589,21 @@ impl BlockDevice for Image {
             };
         }
 
+        let data = &data[..count];
         if !self.can_store_through_map(offset, count as u64)? {
-            return self.write_reserving(offset, &data[..count]);
+            return self.write_reserving(offset, data);
         }
-        self.map.copy_in(offset, &data[..count])?;
-
-        Ok(count)
+        // A store past a new end inside the last page would succeed and be lost.
+        self.check_not_shrunk(offset + count as u64)?;
+        match self.map.copy_in(offset, data) {
+            Ok(()) => Ok(count),
+            // The filesystem could not allocate a page it did not hold: `pwrite` reports
+            // why, ENOSPC on a full filesystem.
+            Err(error) if error.raw_os_error() == Some(libc::EFAULT) => {
+                self.write_reserving(offset, data)
+            }
+            Err(error) => Err(error),
+        }
     }
 
     fn flush(&self) -> io::Result<()> {
@@ -566,8 +640,7 @@ impl BlockDevice for Image {
             }
             Err(error) => Err(error),
             Ok(()) => {
-                let (first, end) = ReservationMap::page_span(offset, len);
-                self.reservations.mark(first, end);
+                self.mark_allocated(offset, len);
                 Ok(())
             }
         }
@@ -578,8 +651,7 @@ impl BlockDevice for Image {
         check_range(offset, len, self.len())?;
 
         self.fallocate(FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len)?;
-        let (first, end) = ReservationMap::page_span(offset, len);
-        self.reservations.mark(first, end);
+        self.mark_allocated(offset, len);
 
         Ok(())
     }

@@ -203,3 +203,16 @@ fn sub_page_writes_land_in_a_hole() {
     let on_disk = std::fs::read(file.path()).unwrap();
     assert_eq!(&on_disk[3998..4008], b"\0\0acROSS\0\0");
 }
+
+#[test]
+fn write_past_shrunk_end_in_last_page_fails() {
+    let file = image_file(&[0x11u8; 16384]);
+    let image = Image::open(file.path(), Access::ReadWrite).unwrap();
+    image.write_at(8192, &[0x22; 4096]).unwrap();
+    file.as_file().set_len(8192 + 100).unwrap();
+
+    let error = image.write_at(8192 + 1000, b"lost").unwrap_err();
+
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    assert_eq!(std::fs::metadata(file.path()).unwrap().len(), 8192 + 100);
+}

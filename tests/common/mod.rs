@@ -494,6 +494,18 @@ pub fn small_tmpfs(sandbox: &Sandbox) -> (PathBuf, Unmount) {
     (small.clone(), Unmount(small))
 }
 
+/// Creates the sandbox of `test` with an 8 MiB tmpfs mounted in it. Returns `None`, and the
+/// test skips, when not root, since mounting a tmpfs needs root.
+pub fn sandbox_with_small_tmpfs(test: &str, tools: &[&str]) -> Option<(Sandbox, PathBuf, Unmount)> {
+    if !is_root() {
+        eprintln!("SKIP {test}: mounting a small tmpfs needs root");
+        return None;
+    }
+    let sandbox = Sandbox::new(test, tools)?;
+    let (small, unmount) = small_tmpfs(&sandbox);
+    Some((sandbox, small, unmount))
+}
+
 /// Writes 1 MiB chunks of one pattern to `device` with `fdatasync` after each, until a write
 /// fails, and asserts that it failed with `ENOSPC` before 16 MiB. Returns the chunk and the
 /// indexes of the chunks written.
@@ -532,6 +544,41 @@ pub fn assert_chunks_intact(device: &Path, chunk: &[u8], written: &[u64]) {
     for &index in written {
         reader.read_exact_at(&mut buf, index << 20).unwrap();
         assert!(buf == chunk, "chunk {index} differs");
+    }
+}
+
+/// A filesystem made on a sparse image in the sandbox and mounted through the kernel loop
+/// driver (root only). Dropping it unmounts the filesystem, then detaches the loop device.
+pub struct KernelMount {
+    pub path: PathBuf,
+    _unmount: Unmount,
+    _loop_device: LoopDevice,
+}
+
+impl KernelMount {
+    /// Makes a `fstype` filesystem of `size` bytes with `mkfs.FSTYPE OPTIONS` and mounts it
+    /// at `name` in the sandbox.
+    pub fn new(sandbox: &Sandbox, name: &str, fstype: &str, size: u64, options: &[&str]) -> Self {
+        let backing = sandbox.sparse_image(&format!("{name}.img"), size);
+        let mut arguments: Vec<&OsStr> = options.iter().map(OsStr::new).collect();
+        arguments.push(backing.as_os_str());
+        run_ok(&format!("mkfs.{fstype}"), arguments);
+        let loop_device = kernel_loop(&backing);
+        let path = sandbox.path(name);
+        fs::create_dir(&path).unwrap();
+        nix::mount::mount(
+            Some(loop_device.0.as_str()),
+            &path,
+            Some(fstype),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        Self {
+            path: path.clone(),
+            _unmount: Unmount(path),
+            _loop_device: loop_device,
+        }
     }
 }
 

@@ -356,6 +356,44 @@ fn touch_sets_device_file_times() {
     sandbox.assert_clean();
 }
 
+/// A partition that a rescan leaves unchanged keeps its mode and times. One that the new
+/// table changes starts afresh, as a new partition device does.
+#[test]
+fn rescan_resets_changed_partition_mode() {
+    let test = "rescan_resets_changed_partition_mode";
+    let Some(sandbox) = Sandbox::new(test, &["sfdisk", "touch"]) else {
+        return;
+    };
+    let image = sandbox.sparse_image("disk.img", 16 * MIB);
+    sfdisk(
+        &image,
+        "label: gpt\n1: start=2048, size=4096\n2: start=8192, size=4096\n",
+    );
+    let device = sandbox.attach(["-P".as_ref(), image.as_os_str()]);
+    let (first, second) = (device.with_file_name("p1"), device.with_file_name("p2"));
+    for partition in [&first, &second] {
+        fs::set_permissions(partition, fs::Permissions::from_mode(0o640)).unwrap();
+        run_ok(
+            "touch",
+            ["-d".as_ref(), "@1000000000".as_ref(), partition.as_os_str()],
+        );
+    }
+
+    sfdisk(
+        &device,
+        "label: gpt\n1: start=2048, size=2048\n2: start=8192, size=4096\n",
+    );
+
+    let mode_of = |path: &std::path::Path| fs::metadata(path).unwrap().permissions().mode();
+    assert_eq!(fs::metadata(&first).unwrap().len(), MIB);
+    assert_eq!(mode_of(&first) & 0o7777, 0o600);
+    assert_ne!(fs::metadata(&first).unwrap().mtime(), 1_000_000_000);
+    assert_eq!(mode_of(&second) & 0o7777, 0o640);
+    assert_eq!(fs::metadata(&second).unwrap().mtime(), 1_000_000_000);
+    sandbox.detach(&device);
+    sandbox.assert_clean();
+}
+
 #[test]
 fn fio_verify_with_two_jobs_passes() {
     let Some(sandbox) = Sandbox::new("fio_verify_with_two_jobs_passes", &["fio"]) else {

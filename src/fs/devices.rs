@@ -22,6 +22,10 @@ pub const DISK_NAME: &str = "disk";
 pub struct DeviceEntry {
     pub name: String,
     pub inode: u64,
+    /// Identity of the device node, which its mode, owner and times belong to. A rescan
+    /// that replaces the partition makes a new node, as the kernel makes a new partition
+    /// device. A new inode number for the same device keeps the node.
+    pub node: u64,
     pub device: Arc<dyn BlockDevice>,
     /// Byte offset of this device inside the whole disk, used to find the overlapping range
     /// of other device files after a write.
@@ -37,6 +41,7 @@ impl DeviceEntry {
         Self {
             name,
             inode,
+            node: inode,
             device,
             disk_offset,
             overrun: Arc::new(AtomicBool::new(false)),
@@ -282,12 +287,14 @@ impl DeviceTable {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(entry) = entries.iter_mut().find(|entry| entry.inode == inode) {
+            let node = entry.node;
             *entry = DeviceEntry::new(
                 entry.name.clone(),
                 self.next_inode.fetch_add(1, Ordering::Relaxed),
                 entry.device.clone(),
                 entry.disk_offset,
             );
+            entry.node = node;
         }
     }
 

@@ -177,11 +177,11 @@ impl DeviceFs {
         let mut attr = self.base_attr(entry.inode);
         attr.size = entry.device.len();
         attr.blocks = entry.device.allocated_sectors().unwrap_or(0);
-        let permissions = self.permissions.of(&entry.name);
+        let permissions = self.permissions.of(entry.node);
         attr.perm = permissions.perm;
         attr.uid = permissions.uid;
         attr.gid = permissions.gid;
-        let times = self.times.of(&entry.name);
+        let times = self.times.of(entry.node);
         attr.atime = times.atime;
         attr.mtime = times.mtime;
         attr.ctime = times.ctime;
@@ -358,8 +358,8 @@ impl Filesystem for DeviceFs {
                 "setattr {} mode {mode:?} uid {uid:?} gid {gid:?} atime {atime:?} mtime {mtime:?}",
                 entry.name
             );
-            self.permissions.change(&entry.name, mode, uid, gid);
-            self.times.change(&entry.name, atime, mtime);
+            self.permissions.change(entry.node, mode, uid, gid);
+            self.times.change(entry.node, atime, mtime);
         }
         self.getattr(_request, inode, handle, reply);
     }

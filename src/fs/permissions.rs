@@ -29,15 +29,15 @@ impl PermissionTable {
         }
     }
 
-    /// Returns the permissions of the device file `name`.
-    pub fn of(&self, name: &str) -> FilePermissions {
-        self.files.of(name)
+    /// Returns the permissions of the device node `node`.
+    pub fn of(&self, node: u64) -> FilePermissions {
+        self.files.of(node)
     }
 
-    /// Applies a `chmod` (`mode`) or `chown` (`uid`, `gid`) to the device file `name`. The
+    /// Applies a `chmod` (`mode`) or `chown` (`uid`, `gid`) to the device node `node`. The
     /// set-user-ID, set-group-ID and sticky bits are kept, as a device node keeps them.
-    pub fn change(&self, name: &str, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) {
-        self.files.update(name, |permissions| {
+    pub fn change(&self, node: u64, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) {
+        self.files.update(node, |permissions| {
             if let Some(mode) = mode {
                 permissions.perm = (mode & 0o7777) as u16;
             }
@@ -64,20 +64,20 @@ mod tests {
             },
             false,
         );
-        table.change("p1", Some(0o104640), None, Some(6));
+        table.change(3, Some(0o104640), None, Some(6));
 
         let changed = FilePermissions {
             perm: 0o4640,
             uid: 1000,
             gid: 6,
         };
-        assert_eq!(table.of("p1"), changed);
-        assert_eq!(table.of("disk").perm, 0o600);
+        assert_eq!(table.of(3), changed);
+        assert_eq!(table.of(2).perm, 0o600);
     }
 
     #[test]
     fn read_only_files_start_at_0400() {
         let table = PermissionTable::new(Owner { uid: 0, gid: 0 }, true);
-        assert_eq!(table.of("disk").perm, 0o400);
+        assert_eq!(table.of(2).perm, 0o400);
     }
 }

@@ -33,20 +33,20 @@ impl TimeTable {
         }
     }
 
-    /// Returns the times of the device file `name`.
-    pub fn of(&self, name: &str) -> FileTimes {
-        self.files.of(name)
+    /// Returns the times of the device node `node`.
+    pub fn of(&self, node: u64) -> FileTimes {
+        self.files.of(node)
     }
 
-    /// Applies a `utimensat` to the device file `name`, or records a change of its mode or
+    /// Applies a `utimensat` to the device node `node`, or records a change of its mode or
     /// owner when both times are `None`.
-    pub fn change(&self, name: &str, atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) {
+    pub fn change(&self, node: u64, atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) {
         let now = SystemTime::now();
         let resolve = |time: TimeOrNow| match time {
             TimeOrNow::SpecificTime(time) => time,
             TimeOrNow::Now => now,
         };
-        self.files.update(name, |times| {
+        self.files.update(node, |times| {
             if let Some(atime) = atime {
                 times.atime = resolve(atime);
             }
@@ -70,13 +70,13 @@ mod tests {
         let table = TimeTable::new(start);
         let set = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400);
 
-        table.change("p1", None, Some(TimeOrNow::SpecificTime(set)));
+        table.change(3, None, Some(TimeOrNow::SpecificTime(set)));
 
-        let times = table.of("p1");
+        let times = table.of(3);
         assert_eq!(times.mtime, set);
         assert_eq!(times.atime, start);
         assert!(times.ctime > start);
-        assert_eq!(table.of("disk").mtime, start);
+        assert_eq!(table.of(2).mtime, start);
     }
 
     #[test]
@@ -84,9 +84,9 @@ mod tests {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let table = TimeTable::new(start);
 
-        table.change("disk", None, None);
+        table.change(2, None, None);
 
-        let times = table.of("disk");
+        let times = table.of(2);
         assert_eq!(times.atime, start);
         assert_eq!(times.mtime, start);
         assert!(times.ctime > start);

@@ -311,18 +311,41 @@ fn run_of_missing_command_exits_127() {
     let script = tools.join("loopfuse-bad-interpreter");
     fs::write(&script, "#!/nonexistent/interpreter -e\n").unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    let crlf = tools.join("loopfuse-crlf");
+    fs::write(&crlf, "#!/bin/sh\r\ntrue\r\n").unwrap();
+    fs::set_permissions(&crlf, fs::Permissions::from_mode(0o755)).unwrap();
+    let plain_file = tools.join("plain-file");
+    fs::write(&plain_file, "text\n").unwrap();
+    let wrong_interpreter = tools.join("loopfuse-interpreter-not-executable");
+    fs::write(&wrong_interpreter, format!("#!{}\n", plain_file.display())).unwrap();
+    fs::set_permissions(&wrong_interpreter, fs::Permissions::from_mode(0o755)).unwrap();
     let missing = sandbox.path("no-such-file");
-    for (command, reason) in [
-        (script.as_os_str(), "interpreter /nonexistent/interpreter"),
-        (missing.as_os_str(), "no such file"),
+    for (command, status, reason) in [
+        (
+            script.as_os_str(),
+            127,
+            "interpreter '/nonexistent/interpreter' was not found",
+        ),
+        (
+            crlf.as_os_str(),
+            127,
+            "interpreter '/bin/sh\\r' was not found",
+        ),
+        (missing.as_os_str(), 127, "no such file"),
+        (
+            wrong_interpreter.as_os_str(),
+            126,
+            "plain-file' is not an executable",
+        ),
+        (tools.as_os_str(), 126, "is a directory"),
     ] {
         let output = sandbox
             .loopfuse(["run".as_ref(), image.as_os_str(), "--".as_ref(), command])
             .output()
             .unwrap();
         let stderr = stderr_of(&output);
-        assert_eq!(output.status.code(), Some(127), "{stderr}");
-        assert!(stderr.contains(reason), "{stderr}");
+        assert_eq!(output.status.code(), Some(status), "{stderr}");
+        assert!(stderr.contains(reason), "{reason}: {stderr}");
     }
     sandbox.assert_clean();
 }

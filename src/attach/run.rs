@@ -97,23 +97,52 @@ pub fn exec_in_place(command: &[OsString]) -> u8 {
         }
         return STATUS_NOT_FOUND;
     };
-    if error.kind() == io::ErrorKind::NotFound {
-        // The file exists, so what is missing is the interpreter it names.
-        let missing = match script_interpreter(&found) {
-            Some(interpreter) => format!("its interpreter {interpreter} (check the '#!' line)"),
-            None => "its program loader or interpreter".to_string(),
-        };
-        eprintln!(
-            "loopfuse: {}: cannot execute: required file not found: {missing}",
-            name.display()
-        );
-        return STATUS_NOT_FOUND;
+    if found.is_dir() {
+        eprintln!("loopfuse: {}: is a directory", name.display());
+        return STATUS_NOT_EXECUTABLE;
     }
-    eprintln!(
-        "loopfuse: {}: cannot run the command: {error}",
-        name.display()
-    );
-    STATUS_NOT_EXECUTABLE
+    let interpreter = script_interpreter(&found);
+    let (status, reason) = match (error.kind(), &interpreter) {
+        // The file exists, so what is missing is its interpreter or a file that needs.
+        (io::ErrorKind::NotFound, Some(interpreter)) if !Path::new(interpreter).exists() => (
+            STATUS_NOT_FOUND,
+            format!(
+                "cannot execute: its interpreter '{}' was not found (check the '#!' line)",
+                interpreter.escape_debug()
+            ),
+        ),
+        (io::ErrorKind::NotFound, Some(interpreter)) => (
+            STATUS_NOT_FOUND,
+            format!(
+                "cannot execute: a file that its interpreter '{}' needs was not found",
+                interpreter.escape_debug()
+            ),
+        ),
+        (io::ErrorKind::NotFound, None) => (
+            STATUS_NOT_FOUND,
+            "cannot execute: its program loader or a library it needs was not found".to_string(),
+        ),
+        (io::ErrorKind::PermissionDenied, Some(interpreter)) if is_executable(&found) => (
+            STATUS_NOT_EXECUTABLE,
+            format!(
+                "cannot execute: its interpreter '{}' is not an executable file",
+                interpreter.escape_debug()
+            ),
+        ),
+        _ => (
+            STATUS_NOT_EXECUTABLE,
+            format!("cannot run the command: {error}"),
+        ),
+    };
+    eprintln!("loopfuse: {}: {reason}", name.display());
+    status
+}
+
+/// Returns whether `path` has an execute bit set.
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+
+    std::fs::metadata(path).is_ok_and(|metadata| metadata.permissions().mode() & 0o111 != 0)
 }
 
 fn has_slash(program: &std::ffi::OsStr) -> bool {
@@ -144,8 +173,12 @@ fn script_interpreter(path: &Path) -> Option<String> {
     let read = std::fs::File::open(path).ok()?.read(&mut head).ok()?;
     let line = head[..read].strip_prefix(b"#!")?;
     let line = line.split(|&byte| byte == b'\n').next()?;
-    let interpreter = String::from_utf8_lossy(line);
-    interpreter.split_whitespace().next().map(str::to_string)
+    // As the kernel reads it: only a space or a tab ends the name, so a '\r' of a file
+    // saved with CRLF line ends is part of it.
+    let interpreter = line
+        .split(|&byte| byte == b' ' || byte == b'\t')
+        .find(|word| !word.is_empty())?;
+    Some(String::from_utf8_lossy(interpreter).into_owned())
 }
 
 /// Exit status of a command that could not be executed, as in shells.

@@ -589,10 +589,11 @@ fn failed_mounts_leave_nothing_behind() {
     );
     assert!(stderr.contains("partition table was ignored"), "{stderr}");
     assert!(stderr.contains("give '-b 4096'"), "{stderr}");
-    // The whole disk is not scanned, but its error names the size too.
+    // The whole disk is not scanned, but its error names the size too, and the partition.
     let stderr = mount_fails(&sandbox, &[gpt4k.as_os_str(), directory.as_os_str()]);
     assert!(stderr.contains("GPT partition table"), "{stderr}");
     assert!(stderr.contains("give '-b 4096'"), "{stderr}");
+    assert!(stderr.contains(&format!("'{gpt4k_name}:1'")), "{stderr}");
 
     // An extended partition contains the logical ones, which the error names.
     let dos = sandbox.sparse_image("dos.img", 32 * MIB);

@@ -159,6 +159,7 @@ pub fn validate(options: &AttachOptions, registry: &Registry) -> Result<(u64, u6
             Some(limit) if limit > 0 && limit < available => {
                 (limit, format!("the size limit {limit} is"))
             }
+            _ if offset == 0 => (available, format!("its {available} bytes are")),
             _ => (
                 available,
                 format!("the {available} bytes after the offset are"),

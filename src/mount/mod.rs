@@ -139,7 +139,7 @@ pub enum MountError {
     },
 
     #[error(
-        "{source_name}: holds a {scheme} partition table, not a filesystem, and the table was ignored: {problem}"
+        "{source_name}: holds a {scheme} partition table, not a filesystem, and the table was ignored: {problem}; then name a partition, as in '{source_name}:1'"
     )]
     IgnoredTable {
         source_name: String,

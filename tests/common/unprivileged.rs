@@ -40,7 +40,10 @@ impl<'a> Unprivileged<'a> {
             std::os::unix::fs::symlink(target, bin.join(tool)).unwrap();
         }
         let binary = bin.join("loopfuse");
-        fs::copy(loopfuse_binary(), &binary).unwrap();
+        // cp writes the copy in its own process. Written from this one, the copy would be
+        // open for writing in any child that another test thread forks meanwhile, and
+        // executing it would then fail with ETXTBSY until that child executes.
+        super::run_ok("cp", [loopfuse_binary().as_os_str(), binary.as_os_str()]);
 
         if is_root() {
             for path in [sandbox.path(""), directory.clone(), bin.clone()] {

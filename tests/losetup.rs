@@ -223,6 +223,20 @@ fn losetup_output_matches_golden_files() {
         );
     }
 
+    // '-b' with a device keeps its size or is refused; listing ignores it, as util-linux does.
+    assert!(losetup(&sandbox, &["-b", "4096", device1]).is_empty());
+    let output = sandbox
+        .loopfuse(["losetup", "-b", "4096", device0])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("(512 bytes now)"), "{stderr}");
+    assert_eq!(
+        normaliser.lines(&losetup(&sandbox, &["-b", "1000", "-a"])),
+        golden("a.txt")
+    );
+
     losetup(&sandbox, &["-d", device0, device1]);
     sandbox.assert_clean();
 }

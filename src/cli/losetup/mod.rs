@@ -66,8 +66,9 @@ pub struct LosetupArgs {
     pub sizelimit: Option<u64>,
 
     /// Set the logical sector size to NUM.
-    #[arg(short = 'b', long = "sector-size", value_name = "NUM", value_parser = parse_sector_size)]
-    pub sector_size: Option<u32>,
+    /// Checked only where it is used, as losetup does: listing ignores it.
+    #[arg(short = 'b', long = "sector-size", value_name = "NUM", value_parser = parse_size)]
+    pub sector_size: Option<u64>,
 
     /// Create a partitioned device: partitions are DEVICEp1, DEVICEp2, ...
     #[arg(short = 'P', long)]
@@ -132,6 +133,12 @@ enum Action {
     },
     ShowOne {
         device: String,
+    },
+    /// `-b N DEVICE`: set the sector size of a device, which works only when it already
+    /// has that size.
+    KeepSectorSize {
+        device: String,
+        sector_size: u64,
     },
 }
 
@@ -272,17 +279,19 @@ impl LosetupArgs {
         if self.offset.is_some() && !attaching && !lists_file {
             return Err("the option --offset is not allowed in this context".to_string());
         }
-        // With a device alone, `-b` requests a change of its sector size in losetup. Listing and
-        // detaching ignore it, as losetup does.
-        if self.sector_size.is_some() && matches!(action, Action::ShowOne { .. }) {
-            return Err(
-                "changing the sector size of a device is not supported: detach it \
-                        and attach it again with -b"
-                    .to_string(),
-            );
+        // With a device alone, `-b` sets its sector size in losetup. Listing and detaching
+        // ignore it, as losetup does.
+        match (action, self.sector_size) {
+            (Action::ShowOne { device }, Some(sector_size)) => Ok(Action::KeepSectorSize {
+                device,
+                sector_size,
+            }),
+            (Action::Attach { file }, Some(sector_size)) => {
+                sector_size_of(sector_size)?;
+                Ok(Action::Attach { file })
+            }
+            (action, _) => Ok(action),
         }
-
-        Ok(action)
     }
 
     fn columns(&self) -> Result<Vec<Column>, String> {
@@ -373,7 +382,34 @@ fn execute(args: &LosetupArgs) -> super::CommandResult {
             print_entries(args, &[entry], &columns);
             Ok(())
         }
+        Action::KeepSectorSize {
+            device,
+            sector_size,
+        } => {
+            let entry = registry.find(&device)?;
+            check_device_argument(&entry, &device)?;
+            keep_sector_size(&entry, &device, sector_size)
+        }
     }
+}
+
+/// Returns `size` as a sector size, when it is one that loopfuse supports.
+fn sector_size_of(size: u64) -> Result<u32, String> {
+    parse_sector_size(&size.to_string())
+}
+
+/// Accepts `-b N DEVICE` when the device already has N-byte sectors, as losetup then
+/// succeeds without a change, and refuses any other size.
+fn keep_sector_size(entry: &Entry, device: &str, sector_size: u64) -> super::CommandResult {
+    if u64::from(entry.state.sector_size) == sector_size {
+        return Ok(());
+    }
+    Err(format!(
+        "{device}: changing the sector size of a device is not supported ({} bytes now): \
+         detach it and attach it again with -b {sector_size}",
+        entry.state.sector_size
+    )
+    .into())
 }
 
 fn print_entries(args: &LosetupArgs, entries: &[Entry], columns: &[Column]) {
@@ -396,7 +432,7 @@ fn attach_file(args: &LosetupArgs, registry: &Registry, file: PathBuf) -> super:
         sizelimit: args.sizelimit,
         read_only: args.read_only,
         partscan: args.partscan,
-        sector_size: args.sector_size.unwrap_or(512),
+        sector_size: args.sector_size.map_or(Ok(512), sector_size_of)?,
         ..AttachOptions::new(file)
     };
 

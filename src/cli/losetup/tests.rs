@@ -84,8 +84,19 @@ fn sector_size_changes_only_with_a_device() {
         action(&["-b", "4096", "-a"]),
         Ok(Action::Show { file: None })
     );
-    let error = action(&["-b", "4096", "/r/loop0/disk"]).unwrap_err();
-    assert!(error.contains("changing the sector size"), "{error}");
+    assert_eq!(
+        action(&["-b", "1000", "-a"]),
+        Ok(Action::Show { file: None })
+    );
+    assert_eq!(
+        action(&["-b", "4096", "/r/loop0/disk"]),
+        Ok(Action::KeepSectorSize {
+            device: "/r/loop0/disk".to_string(),
+            sector_size: 4096
+        })
+    );
+    let error = action(&["-b", "1000", "-f", "x.img"]).unwrap_err();
+    assert!(error.contains("invalid sector size 1000"), "{error}");
 }
 
 #[test]

@@ -129,6 +129,11 @@ pub fn exec_in_place(command: &[OsString]) -> u8 {
                 interpreter.escape_debug()
             ),
         ),
+        // A name found in PATH is shown with the directory it was found in.
+        _ if !has_slash(program) => (
+            STATUS_NOT_EXECUTABLE,
+            format!("cannot run {}: {error}", found.display()),
+        ),
         _ => (
             STATUS_NOT_EXECUTABLE,
             format!("cannot run the command: {error}"),

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use crate::block::BlockDevice;
 
@@ -26,6 +27,8 @@ pub struct DeviceEntry {
     /// that replaces the partition makes a new node, as the kernel makes a new partition
     /// device. A new inode number for the same device keeps the node.
     pub node: u64,
+    /// When the node was made: the start of its times, unless it is the disk.
+    pub created: SystemTime,
     pub device: Arc<dyn BlockDevice>,
     /// Byte offset of this device inside the whole disk, used to find the overlapping range
     /// of other device files after a write.
@@ -42,6 +45,7 @@ impl DeviceEntry {
             name,
             inode,
             node: inode,
+            created: SystemTime::now(),
             device,
             disk_offset,
             overrun: Arc::new(AtomicBool::new(false)),
@@ -287,7 +291,7 @@ impl DeviceTable {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(entry) = entries.iter_mut().find(|entry| entry.inode == inode) {
-            let node = entry.node;
+            let (node, created) = (entry.node, entry.created);
             *entry = DeviceEntry::new(
                 entry.name.clone(),
                 self.next_inode.fetch_add(1, Ordering::Relaxed),
@@ -295,6 +299,7 @@ impl DeviceTable {
                 entry.disk_offset,
             );
             entry.node = node;
+            entry.created = created;
         }
     }
 

@@ -73,8 +73,8 @@ pub struct DeviceFs {
     read_only: bool,
     /// Logical sector size of the devices, as `losetup -b` sets it.
     sector_size: u32,
-    /// Time shown for the directory, and for a device file until `touch` changes it: the
-    /// image's modification time at attach.
+    /// Time shown for the directory, and for the disk until `touch` changes it: the image's
+    /// modification time at attach.
     mtime: SystemTime,
 }
 
@@ -101,7 +101,7 @@ impl DeviceFs {
             on_last_close: None,
             owner,
             permissions: PermissionTable::new(owner, read_only),
-            times: TimeTable::new(mtime),
+            times: TimeTable::new(),
             read_only,
             sector_size: 512,
             mtime,
@@ -181,11 +181,21 @@ impl DeviceFs {
         attr.perm = permissions.perm;
         attr.uid = permissions.uid;
         attr.gid = permissions.gid;
-        let times = self.times.of(entry.node);
+        let times = self.times.of(entry.node, self.start_time(entry));
         attr.atime = times.atime;
         attr.mtime = times.mtime;
         attr.ctime = times.ctime;
         attr
+    }
+
+    /// Returns the time a device file's times start at: the image's modification time for
+    /// the disk, and for a partition the time its device file was made.
+    fn start_time(&self, entry: &DeviceEntry) -> SystemTime {
+        if entry.node == DISK_INODE {
+            self.mtime
+        } else {
+            entry.created
+        }
     }
 
     fn base_attr(&self, inode: u64) -> FileAttr {
@@ -359,7 +369,8 @@ impl Filesystem for DeviceFs {
                 entry.name
             );
             self.permissions.change(entry.node, mode, uid, gid);
-            self.times.change(entry.node, atime, mtime);
+            self.times
+                .change(entry.node, self.start_time(&entry), atime, mtime);
         }
         self.getattr(_request, inode, handle, reply);
     }

@@ -15,29 +15,31 @@ pub struct FilePermissions {
 
 /// The permissions of every device file.
 pub struct PermissionTable {
+    initial: FilePermissions,
     files: PerFile<FilePermissions>,
 }
 
 impl PermissionTable {
     pub fn new(owner: Owner, read_only: bool) -> Self {
         Self {
-            files: PerFile::new(FilePermissions {
+            initial: FilePermissions {
                 perm: if read_only { 0o400 } else { 0o600 },
                 uid: owner.uid,
                 gid: owner.gid,
-            }),
+            },
+            files: PerFile::new(),
         }
     }
 
     /// Returns the permissions of the device node `node`.
     pub fn of(&self, node: u64) -> FilePermissions {
-        self.files.of(node)
+        self.files.get(node).unwrap_or(self.initial)
     }
 
     /// Applies a `chmod` (`mode`) or `chown` (`uid`, `gid`) to the device node `node`. The
     /// set-user-ID, set-group-ID and sticky bits are kept, as a device node keeps them.
     pub fn change(&self, node: u64, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>) {
-        self.files.update(node, |permissions| {
+        self.files.update(node, self.initial, |permissions| {
             if let Some(mode) = mode {
                 permissions.perm = (mode & 0o7777) as u16;
             }

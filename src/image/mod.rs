@@ -630,6 +630,8 @@ impl BlockDevice for Image {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.len())?;
+        // Zeroing a range allocates it, also past the end of a file that was truncated.
+        self.check_not_shrunk(offset + len)?;
 
         let flags = FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         match self.fallocate(flags, offset, len) {
@@ -649,6 +651,7 @@ impl BlockDevice for Image {
     fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
         check_range(offset, len, self.len())?;
+        self.check_not_shrunk(offset + len)?;
 
         self.fallocate(FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len)?;
         self.mark_allocated(offset, len);

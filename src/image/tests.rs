@@ -216,3 +216,16 @@ fn write_past_shrunk_end_in_last_page_fails() {
     assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
     assert_eq!(std::fs::metadata(file.path()).unwrap().len(), 8192 + 100);
 }
+
+#[test]
+fn zero_range_past_shrunk_end_fails() {
+    let file = image_file(&[0x11u8; 16384]);
+    let image = Image::open(file.path(), Access::ReadWrite).unwrap();
+    file.as_file().set_len(8192 + 100).unwrap();
+    let before = image.allocated_sectors().unwrap();
+
+    let error = image.write_zeroes(12288, 4096).unwrap_err();
+
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    assert_eq!(image.allocated_sectors().unwrap(), before);
+}

@@ -369,7 +369,7 @@ fn rescan_resets_changed_partition_mode() {
         &image,
         "label: gpt\n1: start=2048, size=4096\n2: start=8192, size=4096\n",
     );
-    // The disk shows the image's time; a partition the time its device file was made.
+    // The disk shows the image's time, and a partition the time its device file was made.
     run_ok(
         "touch",
         ["-d".as_ref(), "@500000000".as_ref(), image.as_os_str()],

@@ -306,8 +306,8 @@ fn run_of_missing_command_exits_127() {
     }
     fs::set_permissions(&closed, fs::Permissions::from_mode(0o755)).unwrap();
 
-    // A script whose interpreter is missing, and a path to no file, also exit 127, each
-    // with its own reason.
+    // A missing or non-executable interpreter, a path to no file and a directory fail with
+    // bash's status, each with its own reason.
     let script = tools.join("loopfuse-bad-interpreter");
     fs::write(&script, "#!/nonexistent/interpreter -e\n").unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();

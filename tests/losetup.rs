@@ -223,7 +223,8 @@ fn losetup_output_matches_golden_files() {
         );
     }
 
-    // '-b' with a device keeps its size or is refused; listing ignores it, as util-linux does.
+    // '-b' with a device keeps its size or is rejected, and listing ignores it, as util-linux
+    // does.
     assert!(losetup(&sandbox, &["-b", "4096", device1]).is_empty());
     let output = sandbox
         .loopfuse(["losetup", "-b", "4096", device0])

@@ -103,7 +103,7 @@ pub fn exec_in_place(command: &[OsString]) -> u8 {
     }
     let interpreter = script_interpreter(&found);
     let (status, reason) = match (error.kind(), &interpreter) {
-        // The file exists, so what is missing is its interpreter or a file that needs.
+        // The file exists, so what is missing is its interpreter or a file that it needs.
         (io::ErrorKind::NotFound, Some(interpreter)) if !Path::new(interpreter).exists() => (
             STATUS_NOT_FOUND,
             format!(

@@ -267,7 +267,11 @@ fn parse_cache_mode(text: &str) -> Result<CacheMode, String> {
 }
 
 fn parse_sector_size(text: &str) -> Result<u32, String> {
-    let size = parse_size(text)?;
+    sector_size_of(parse_size(text)?)
+}
+
+/// Returns `size` as a sector size, when it is one that loopfuse supports.
+fn sector_size_of(size: u64) -> Result<u32, String> {
     SECTOR_SIZES
         .iter()
         .copied()

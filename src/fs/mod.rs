@@ -9,7 +9,7 @@ mod cache;
 mod devices;
 mod fallocate;
 mod overrun;
-mod per_file;
+mod per_node;
 mod permissions;
 mod times;
 

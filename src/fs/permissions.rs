@@ -3,7 +3,7 @@
 //! does with `/dev/loopN`, and the kernel checks who may (`default_permissions`).
 
 use super::Owner;
-use super::per_file::PerFile;
+use super::per_node::PerNode;
 
 /// Mode bits and owner of one device file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,7 +16,7 @@ pub struct FilePermissions {
 /// The permissions of every device file.
 pub struct PermissionTable {
     initial: FilePermissions,
-    files: PerFile<FilePermissions>,
+    files: PerNode<FilePermissions>,
 }
 
 impl PermissionTable {
@@ -27,7 +27,7 @@ impl PermissionTable {
                 uid: owner.uid,
                 gid: owner.gid,
             },
-            files: PerFile::new(),
+            files: PerNode::new(),
         }
     }
 

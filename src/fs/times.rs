@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use fuser::TimeOrNow;
 
-use super::per_file::PerFile;
+use super::per_node::PerNode;
 
 /// Access, modification and change time of one device file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,13 +30,13 @@ impl FileTimes {
 
 /// The times of every device file.
 pub struct TimeTable {
-    files: PerFile<FileTimes>,
+    files: PerNode<FileTimes>,
 }
 
 impl TimeTable {
     pub fn new() -> Self {
         Self {
-            files: PerFile::new(),
+            files: PerNode::new(),
         }
     }
 

@@ -24,8 +24,8 @@ pub use format::{ForeignFormat, detect_foreign_format};
 use map::SharedMap;
 use reserve::ReservationMap;
 
-/// Bytes around a write that a cached folio of the image is expected to fit in: a PMD, 2 MiB
-/// on x86-64, the largest folio size seen for files here.
+/// Bytes around a write that a cached folio of the image is expected to fit in: the 2 MiB of
+/// a PMD on x86-64, an estimate of the largest page-cache folio.
 // NOTE: on a kernel with larger page-cache folios, a store may allocate beyond this span.
 const FOLIO_SPAN: u64 = 2 << 20;
 
@@ -477,6 +477,7 @@ impl Image {
         while written < data.len() {
             let at = offset + written as u64;
             match std::os::unix::fs::FileExt::write_at(&*self.file, &data[written..], at) {
+                Ok(0) if written == 0 => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(0) => break,
                 Ok(count) => written += count,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -515,7 +516,7 @@ impl Image {
         io::Error::from_raw_os_error(libc::EIO)
     }
 
-    /// Writes `data` at `offset` through the file descriptor instead of the mapping.
+    /// Writes all of `data` at `offset` through the file descriptor instead of the mapping.
     ///
     /// A store through the mapping dirties the whole page-cache folio it lands in, and when
     /// the image's folios are large (ext4 caches a hole that was read as one large folio)
@@ -524,7 +525,12 @@ impl Image {
     pub fn write_through_file(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check_writable()?;
         check_range(offset, data.len() as u64, self.len())?;
-        std::os::unix::fs::FileExt::write_all_at(&*self.file, data, offset)
+        let mut written = 0;
+        while written < data.len() {
+            // After a short write, the next call fails with the error that cut it short.
+            written += self.write_reserving(offset + written as u64, &data[written..])?;
+        }
+        Ok(())
     }
 
     /// Reads through the file descriptor the pages that the mapping cannot map.
@@ -568,7 +574,7 @@ impl BlockDevice for Image {
             return Ok(count);
         }
         // NOTE: a read of the part of the last page that a truncation cut off returns the
-        // zeros the kernel left there, not EIO; only whole lost pages fail.
+        // zeros the kernel left there, not EIO. Only whole lost pages fail.
         match self.map.copy_out(offset, &mut buf[..count]) {
             Ok(()) => Ok(count),
             Err(error) if error.raw_os_error() == Some(libc::EFAULT) => {

@@ -41,7 +41,7 @@ impl ReservationMap {
     }
 
     /// Returns the range `(start, end)` of the pages that lie wholly inside
-    /// `offset..offset + len`; empty when there is none.
+    /// `offset..offset + len`. The range is empty when there is none.
     pub fn whole_pages(offset: u64, len: u64) -> (u64, u64) {
         let first = offset.div_ceil(PAGE_SIZE);
         let end = (offset + len) / PAGE_SIZE;

@@ -651,25 +651,15 @@ fn explain_ignored_table(
 
 /// Returns the problem a partition scan reports when the GPT header of `device` lies where
 /// another sector size than `sector_size` puts it. A whole disk attached without `-P` was
-/// not scanned, so its mount checks this here.
+/// not scanned, so its mount checks this here, on the first 8 KiB, which hold LBA 1 for
+/// both sector sizes.
 fn gpt_sector_size_problem(device: &Path, sector_size: u32) -> Option<String> {
     let mut head = vec![0u8; 8192];
     let file = std::fs::File::open(device).ok()?;
     let read = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).ok()?;
-    let has_header_at = |offset: u32| {
-        head[..read].get(offset as usize..offset as usize + 8) == Some(b"EFI PART".as_slice())
-    };
-    if has_header_at(sector_size) {
-        return None;
-    }
-    let other = [512, 4096]
-        .into_iter()
-        .find(|&other| other != sector_size && has_header_at(other))?;
-    let problem = crate::partition::PartitionError::GptSectorSize {
-        sector_size: other,
-        scanned: sector_size,
-    };
-    Some(problem.to_string())
+    head.truncate(read);
+    let head = crate::block::MemoryDevice::read_only(head);
+    crate::partition::check_sector_size(&head, sector_size).map(|problem| problem.to_string())
 }
 
 /// Rejects an MBR extended partition, a container of logical partitions rather than a

@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use crate::block::BlockDevice;
+
 use super::{
     Disk, MAX_PARTITION_NUMBER, Partition, PartitionError, PartitionTable, PartitionWarning,
     Scheme, crc32::crc32, le_u32, le_u64, mbr::BootSector,
@@ -200,6 +202,25 @@ pub(super) fn read_table(
         sector_size: disk.sector_size as u32,
         partitions,
         warnings,
+    })
+}
+
+/// Returns the error a scan with `sector_size` gives when `device` has no GPT signature at
+/// LBA 1 but has one where the other sector size puts it. It is cheaper than a scan, for a
+/// device that was not scanned.
+pub fn check_sector_size(device: &dyn BlockDevice, sector_size: u32) -> Option<PartitionError> {
+    let disk = Disk::new(device, sector_size);
+    let offset = u64::from(sector_size);
+    let signed = disk.contains(offset, 8)
+        && disk
+            .read(offset, 8)
+            .is_ok_and(|bytes| le_u64(&bytes, 0) == SIGNATURE);
+    if signed {
+        return None;
+    }
+    other_sector_size(&disk).map(|other| PartitionError::GptSectorSize {
+        sector_size: other,
+        scanned: sector_size,
     })
 }
 

@@ -21,7 +21,7 @@ use std::io;
 
 use crate::block::BlockDevice;
 
-pub use gpt::{GptHeaderError, GptProblem};
+pub use gpt::{GptHeaderError, GptProblem, check_sector_size};
 pub use mbr::is_extended_type;
 pub use warning::{EbrStop, PartitionWarning};
 

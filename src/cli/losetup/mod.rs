@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::{UsageError, parse_sector_size, parse_size};
+use super::{UsageError, parse_size, sector_size_of};
 use crate::attach::{self, AttachOptions};
 use crate::registry::{DISK_FILE, Entry, Liveness, Registry, resolve_path};
 use format::{Column, LoopInfo, Style};
@@ -66,7 +66,7 @@ pub struct LosetupArgs {
     pub sizelimit: Option<u64>,
 
     /// Set the logical sector size to NUM.
-    /// Checked only where it is used, as losetup does: listing ignores it.
+    // Checked only where it is used, as losetup does, so listing ignores it.
     #[arg(short = 'b', long = "sector-size", value_name = "NUM", value_parser = parse_size)]
     pub sector_size: Option<u64>,
 
@@ -393,13 +393,8 @@ fn execute(args: &LosetupArgs) -> super::CommandResult {
     }
 }
 
-/// Returns `size` as a sector size, when it is one that loopfuse supports.
-fn sector_size_of(size: u64) -> Result<u32, String> {
-    parse_sector_size(&size.to_string())
-}
-
 /// Accepts `-b N DEVICE` when the device already has N-byte sectors, as losetup then
-/// succeeds without a change, and refuses any other size.
+/// succeeds without a change, and rejects any other size.
 fn keep_sector_size(entry: &Entry, device: &str, sector_size: u64) -> super::CommandResult {
     if u64::from(entry.state.sector_size) == sector_size {
         return Ok(());

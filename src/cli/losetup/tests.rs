@@ -79,7 +79,7 @@ fn setup_options_outside_setup_are_rejected() {
 }
 
 #[test]
-fn sector_size_changes_only_with_a_device() {
+fn sector_size_checked_where_used() {
     assert_eq!(
         action(&["-b", "4096", "-a"]),
         Ok(Action::Show { file: None })

@@ -432,6 +432,29 @@ fn gpt_wrong_sector_size_names_the_right_one() {
     }
 }
 
+/// The quick check gives the scan's error from the first 8 KiB alone, and nothing for a GPT
+/// that fits the sector size.
+#[test]
+fn gpt_sector_size_check_reads_only_head() {
+    for (made, read) in [(4096, 512), (512, 4096)] {
+        let head = standard_gpt(made)[..8192].to_vec();
+        let device = MemoryDevice::new(head.clone());
+
+        let error = crate::partition::check_sector_size(&device, read as u32);
+
+        assert!(
+            matches!(
+                error,
+                Some(PartitionError::GptSectorSize { sector_size, scanned })
+                    if sector_size == made as u32 && scanned == read as u32
+            ),
+            "{error:?}"
+        );
+        let device = MemoryDevice::new(head);
+        assert!(crate::partition::check_sector_size(&device, made as u32).is_none());
+    }
+}
+
 #[test]
 fn gpt_one_sector_device_is_an_error() {
     let mut image = vec![0; 512];

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 /// A value for each device node whose value was changed.
-pub struct PerFile<T: Copy> {
+pub struct PerNode<T: Copy> {
     changed: Mutex<HashMap<u64, T>>,
 }
 
-impl<T: Copy> PerFile<T> {
+impl<T: Copy> PerNode<T> {
     pub fn new() -> Self {
         Self {
             changed: Mutex::new(HashMap::new()),

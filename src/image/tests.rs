@@ -229,3 +229,15 @@ fn zero_range_past_shrunk_end_fails() {
     assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
     assert_eq!(image.allocated_sectors().unwrap(), before);
 }
+
+#[test]
+fn file_write_past_shrunk_end_fails() {
+    let file = image_file(&[0x11u8; 16384]);
+    let image = Image::open(file.path(), Access::ReadWrite).unwrap();
+    file.as_file().set_len(8192).unwrap();
+
+    let error = image.write_through_file(12288, &[0x22; 4096]).unwrap_err();
+
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{error}");
+    assert_eq!(std::fs::metadata(file.path()).unwrap().len(), 8192);
+}
